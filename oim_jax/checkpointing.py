@@ -1,0 +1,89 @@
+"""Orbax checkpoints of the training state, one item per part.
+
+Items: "params", "opt_state", "oim" (LUT, queue, pointer) as array pytrees and
+"meta" (step, seed, input-pipeline position) as JSON. Keeping them apart lets
+evaluation restore the parameters alone. Arrays are saved unreplicated (the
+training state is replicated over devices), so a checkpoint written on one
+device count restores on any other.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+ARRAY_ITEMS = ("params", "opt_state", "oim")
+
+
+def manager(workdir: str, max_to_keep: int = 3,
+            async_saves: bool = True,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  """A CheckpointManager on `workdir/checkpoints`."""
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=async_saves)
+  return ocp.CheckpointManager(
+      directory, options=options,
+      item_names=ARRAY_ITEMS + ("meta",))
+
+
+def save(mgr: ocp.CheckpointManager, step: int, items: dict[str, Any],
+         meta: dict[str, Any], force: bool = False) -> bool:
+  """Saves array items and JSON meta at `step` (asynchronously if enabled)."""
+  args = {k: ocp.args.StandardSave(_to_host(v)) for k, v in items.items()}
+  args["meta"] = ocp.args.JsonSave(meta)
+  return mgr.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def restore(mgr: ocp.CheckpointManager, templates: dict[str, Any],
+            step: Optional[int] = None) -> tuple[int, dict[str, Any],
+                                                  dict[str, Any]]:
+  """Restores the items named in `templates` (and meta) at `step` or latest.
+
+  Args:
+    mgr: the manager.
+    templates: {item: pytree of arrays (or ShapeDtypeStructs)} giving the
+      structure, shapes and dtypes to restore; restored arrays are host-local
+      numpy-backed and the caller places them on devices.
+    step: which step; None = latest.
+
+  Returns:
+    (step, {item: pytree}, meta dict).
+  """
+  if step is None:
+    step = mgr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint under {mgr.directory}.")
+  if step not in mgr.all_steps():
+    raise FileNotFoundError(
+        f"No checkpoint for step {step} under {mgr.directory}; available "
+        f"steps: {list(mgr.all_steps())}.")
+  args = {k: ocp.args.StandardRestore(_abstract(v))
+          for k, v in templates.items()}
+  args["meta"] = ocp.args.JsonRestore()
+  restored = mgr.restore(step, args=ocp.args.Composite(**args))
+  items = {k: restored[k] for k in templates}
+  return step, items, dict(restored["meta"])
+
+
+def _to_host(tree):
+  """Replicated (possibly multi-host) arrays -> numpy: one copy is the value."""
+  def leaf(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = x.addressable_data(0)
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(leaf, tree)
+
+
+def _abstract(tree):
+  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+
+  def leaf(x):
+    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=cpu)
+  return jax.tree.map(leaf, tree)

@@ -1,0 +1,17 @@
+"""Detection ops in pure jax.numpy (no Flax).
+
+Boxes are (x1, y1, x2, y2) float32 pixels, no +1 (width = x2 - x1).
+"""
+
+from oim_jax.ops.anchors import anchors
+from oim_jax.ops.anchors import base_anchors
+from oim_jax.ops.anchors import num_anchors
+from oim_jax.ops.boxes import BBOX_XFORM_CLIP
+from oim_jax.ops.boxes import box_area
+from oim_jax.ops.boxes import box_iou
+from oim_jax.ops.boxes import clip_boxes
+from oim_jax.ops.boxes import decode_boxes
+from oim_jax.ops.boxes import encode_boxes
+from oim_jax.ops.boxes import ROI_HEAD_WEIGHTS
+from oim_jax.ops.boxes import RPN_WEIGHTS
+from oim_jax.ops.boxes import small_box_mask

@@ -1,0 +1,275 @@
+"""ResNet backbone split for person search: stem (conv1..conv4) and res5 head.
+
+NHWC throughout. The layout follows torchvision's ResNet (stride on the 3x3
+conv of a bottleneck, "ResNet v1.5") so that ImageNet weights import directly
+(see `oim_jax.pretrained`). Parameter names mirror torchvision's keys:
+`conv1`, `bn1`, `layer{s}_{b}` (stage s, block b), and inside a block `conv{k}`,
+`bn{k}`, `downsample_conv`, `downsample_bn`.
+
+BatchNorm is frozen, as detection backbones do: `FrozenBatchNorm` is a
+per-channel affine `y = x * scale + bias` whose parameters are the running
+statistics folded into the affine (`scale = w / sqrt(var + eps)`,
+`bias = b - mean * scale`, done at weight import). It has no batch statistics
+and no state; by default it receives no gradient (`stop_gradient`) and the
+optimizer mask from `trainable_mask` excludes it, so it never changes.
+
+`freeze_at` (detectron convention): 0 = everything trainable, 1 = conv1/bn1
+frozen, 2 = conv1 and stage 1 (res2) frozen (default), 3 = also res3,
+4 = also res4 (the whole stem). Frozen stages are cut off from the gradient
+with `stop_gradient` on their output (no backward pass through them at all)
+and excluded in the optimizer mask (so weight decay does not touch them).
+"""
+
+from typing import Any, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Blocks per stage (res2, res3, res4, res5) for each supported depth.
+STAGE_BLOCKS = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+}
+# torchvision's BatchNorm2d epsilon, used when folding statistics at import.
+BN_EPSILON = 1e-5
+
+# He-normal on fan-out, as torchvision initialises ResNet convolutions.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def is_bottleneck(depth: int) -> bool:
+  """ResNet-50/101 use bottleneck blocks, ResNet-18/34 basic blocks."""
+  _check_depth(depth)
+  return depth >= 50
+
+
+def _check_depth(depth: int):
+  if depth not in STAGE_BLOCKS:
+    raise ValueError(f"model.depth={depth} is not supported; use one of "
+                     f"{sorted(STAGE_BLOCKS)}.")
+
+
+def stage_channels(depth: int, width: int, stage: int) -> int:
+  """Output channels of stage `stage` (1 = res2 .. 4 = res5)."""
+  expansion = 4 if is_bottleneck(depth) else 1
+  return width * 2 ** (stage - 1) * expansion
+
+
+def stem_channels(depth: int, width: int) -> int:
+  """Channels of the stride-16 stem output C4 (1024 for ResNet-50)."""
+  return stage_channels(depth, width, 3)
+
+
+def head_channels(depth: int, width: int) -> int:
+  """Channels of the pooled res5 output (2048 for ResNet-50)."""
+  return stage_channels(depth, width, 4)
+
+
+def _conv(features, kernel, strides, dtype, name):
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
+                 padding=((pad, pad), (pad, pad)), use_bias=False,
+                 kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32,
+                 name=name)
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm with folded, constant statistics: `x * scale + bias`.
+
+  Attributes:
+    trainable: if False (default) the affine gets no gradient.
+    zero_init: initialise `scale` to 0 (the last BN of a residual branch, so
+      a randomly initialised block starts as the identity; irrelevant once
+      ImageNet weights are loaded).
+    dtype: compute dtype.
+  """
+  trainable: bool = False
+  zero_init: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [..., C] -> [..., C]."""
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.zeros if self.zero_init
+                       else nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    if not self.trainable:
+      scale = jax.lax.stop_gradient(scale)
+      bias = jax.lax.stop_gradient(bias)
+    return x * scale.astype(self.dtype) + bias.astype(self.dtype)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions (ResNet-18/34)."""
+  planes: int
+  strides: int = 1
+  downsample: bool = False
+  train_bn: bool = False
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [N, H, W, Cin] -> [N, H/strides, W/strides, planes]."""
+    bn = lambda name, zero=False: FrozenBatchNorm(
+        self.train_bn, zero, self.dtype, name=name)
+    y = _conv(self.planes, 3, self.strides, self.dtype, "conv1")(x)
+    y = nn.relu(bn("bn1")(y))
+    y = _conv(self.planes, 3, 1, self.dtype, "conv2")(y)
+    y = bn("bn2", self.zero_init_residual)(y)
+    if self.downsample:
+      x = _conv(self.planes, 1, self.strides, self.dtype, "downsample_conv")(x)
+      x = bn("downsample_bn")(x)
+    return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (strided) -> 1x1 (x4 channels) (ResNet-50/101)."""
+  planes: int
+  strides: int = 1
+  downsample: bool = False
+  train_bn: bool = False
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [N, H, W, Cin] -> [N, H/strides, W/strides, 4 * planes]."""
+    bn = lambda name, zero=False: FrozenBatchNorm(
+        self.train_bn, zero, self.dtype, name=name)
+    y = _conv(self.planes, 1, 1, self.dtype, "conv1")(x)
+    y = nn.relu(bn("bn1")(y))
+    y = _conv(self.planes, 3, self.strides, self.dtype, "conv2")(y)
+    y = nn.relu(bn("bn2")(y))
+    y = _conv(self.planes * 4, 1, 1, self.dtype, "conv3")(y)
+    y = bn("bn3", self.zero_init_residual)(y)
+    if self.downsample:
+      x = _conv(self.planes * 4, 1, self.strides, self.dtype,
+                "downsample_conv")(x)
+      x = bn("downsample_bn")(x)
+    return nn.relu(y + x)
+
+
+def _stage(x, depth, width, stage, first_stride, train_bn, zero_init_residual,
+           dtype):
+  block_cls = Bottleneck if is_bottleneck(depth) else BasicBlock
+  planes = width * 2 ** (stage - 1)
+  for b in range(STAGE_BLOCKS[depth][stage - 1]):
+    strides = first_stride if b == 0 else 1
+    # torchvision adds a projection when the stride or channel count changes.
+    downsample = b == 0 and (strides != 1 or
+                             x.shape[-1] != planes * block_cls.expansion)
+    x = block_cls(planes, strides, downsample, train_bn, zero_init_residual,
+                  dtype, name=f"layer{stage}_{b}")(x)
+  return x
+
+
+class ResNetStem(nn.Module):
+  """conv1 .. conv4 (res4): [N, H, W, 3] -> C4 [N, ceil(H/16), ceil(W/16), C].
+
+  Attributes:
+    depth: 18, 34, 50 or 101.
+    width: channels of conv1 / planes of the first stage (64 in ImageNet
+      ResNets; 8-16 for tiny test models).
+    freeze_at: see the module docstring.
+    train_bn: let the folded BN affine learn (for training from scratch).
+    zero_init_residual: zero-init the last BN scale of each block.
+    dtype: compute dtype (parameters stay float32).
+  """
+  depth: int = 50
+  width: int = 64
+  freeze_at: int = 2
+  train_bn: bool = False
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [N, H, W, 3] normalised image -> [N, H/16, W/16, C4] (ceil)."""
+    _check_depth(self.depth)
+    x = x.astype(self.dtype)
+    x = _conv(self.width, 7, 2, self.dtype, "conv1")(x)
+    x = nn.relu(FrozenBatchNorm(self.train_bn, False, self.dtype,
+                                name="bn1")(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    if self.freeze_at >= 1:
+      x = jax.lax.stop_gradient(x)
+    for stage, stride in ((1, 1), (2, 2), (3, 2)):
+      x = _stage(x, self.depth, self.width, stage, stride, self.train_bn,
+                 self.zero_init_residual, self.dtype)
+      if self.freeze_at >= stage + 1:
+        x = jax.lax.stop_gradient(x)
+    return x
+
+
+class ResNetHead(nn.Module):
+  """conv5 (res5) per RoI + global average pooling.
+
+  [K, h, w, C4] -> [K, C5] (C5 = 2048 for ResNet-50). The first block has
+  stride 2 (14x14 RoI features -> 7x7), as in the paper.
+  """
+  depth: int = 50
+  width: int = 64
+  train_bn: bool = False
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [K, h, w, C4] -> pooled [K, C5] in float32."""
+    x = _stage(x.astype(self.dtype), self.depth, self.width, 4, 2,
+               self.train_bn, self.zero_init_residual, self.dtype)
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def _is_bn(name: str) -> bool:
+  return name.startswith("bn") or name == "downsample_bn"
+
+
+def backbone_trainable(path: Sequence[str], freeze_at: int,
+                       train_bn: bool) -> bool:
+  """Whether a backbone parameter is trained.
+
+  Args:
+    path: the parameter path *inside* ResNetStem or ResNetHead, e.g.
+      ("layer1_0", "conv1", "kernel") or ("bn1", "scale").
+    freeze_at: see the module docstring.
+    train_bn: whether FrozenBatchNorm affines are trained.
+  Returns:
+    True if the optimizer should update it.
+  """
+  if any(_is_bn(p) for p in path[:-1]) and not train_bn:
+    return False
+  top = path[0]
+  if top in ("conv1", "bn1"):
+    return freeze_at < 1
+  if top.startswith("layer"):
+    stage = int(top[len("layer"):].split("_")[0])
+    return freeze_at < stage + 1
+  raise ValueError(f"unknown backbone parameter path {'/'.join(path)}")
+
+
+def count_params(tree) -> int:
+  """Number of scalars in a pytree of arrays."""
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+
+
+def pretrained_shapes(depth: int, width: int) -> Tuple[dict, dict]:
+  """Parameter shapes of the stem and head (abstract init, no compute).
+
+  Returns:
+    (stem_params, res5_params) as pytrees of jax.ShapeDtypeStruct.
+  """
+  stem = ResNetStem(depth, width)
+  head = ResNetHead(depth, width)
+  key = jax.random.PRNGKey(0)
+  stem_vars = jax.eval_shape(stem.init, key, jnp.zeros((1, 32, 32, 3)))
+  c4 = stem_channels(depth, width)
+  head_vars = jax.eval_shape(head.init, key, jnp.zeros((1, 14, 14, c4)))
+  return stem_vars["params"], head_vars["params"]

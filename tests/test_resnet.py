@@ -1,0 +1,71 @@
+"""ResNet stem/head: parameter counts, shapes, dtypes, freezing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from oim_jax.models import resnet
+
+
+def test_resnet50_trunk_matches_torchvision_count():
+  # torchvision resnet50: 25,557,032 parameters, of which fc is 2048*1000+1000.
+  # Frozen BN statistics are folded into the affine (scale, bias), so our
+  # count equals torchvision's trainable-parameter count (running stats are
+  # buffers there, not parameters).
+  stem, head = resnet.pretrained_shapes(50, 64)
+  total = resnet.count_params(stem) + resnet.count_params(head)
+  assert total == 25_557_032 - 2_049_000 == 23_508_032
+  # ResNet-18: 11,689,512 - (512*1000 + 1000).
+  stem, head = resnet.pretrained_shapes(18, 64)
+  assert resnet.count_params(stem) + resnet.count_params(head) == 11_176_512
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_shapes_and_dtypes(dtype):
+  stem = resnet.ResNetStem(depth=18, width=8, dtype=dtype)
+  head = resnet.ResNetHead(depth=18, width=8, dtype=dtype)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 70, 100, 3))
+  vs = stem.init(jax.random.PRNGKey(1), x)
+  c4 = stem.apply(vs, x)
+  # Stride 16 with torchvision padding: ceil(70/16)=5, ceil(100/16)=7.
+  assert c4.shape == (2, 5, 7, resnet.stem_channels(18, 8)) == (2, 5, 7, 32)
+  assert c4.dtype == dtype
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(vs))
+  rois = jax.random.normal(jax.random.PRNGKey(2), (3, 14, 14, 32))
+  hv = head.init(jax.random.PRNGKey(3), rois)
+  pooled = head.apply(hv, rois)
+  assert pooled.shape == (3, 64) and pooled.dtype == jnp.float32
+  assert np.isfinite(np.asarray(c4, np.float32)).all()
+  assert np.isfinite(np.asarray(pooled)).all()
+
+
+def test_freeze_at_and_frozen_bn_get_zero_gradient():
+  stem = resnet.ResNetStem(depth=18, width=4, freeze_at=2)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 32, 32, 3))
+  params = stem.init(jax.random.PRNGKey(1), x)["params"]
+  grads = jax.grad(lambda p: jnp.sum(stem.apply({"params": p}, x) ** 2))(
+      params)
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  for path, g in flat:
+    names = tuple(k.key for k in path)
+    trainable = resnet.backbone_trainable(names, freeze_at=2, train_bn=False)
+    if trainable:
+      assert np.abs(np.asarray(g)).sum() > 0, names
+    else:
+      assert not np.asarray(g).any(), names
+  # Hand-checked mask decisions.
+  assert not resnet.backbone_trainable(("conv1", "kernel"), 2, False)
+  assert not resnet.backbone_trainable(("layer1_1", "conv2", "kernel"), 2,
+                                       False)
+  assert resnet.backbone_trainable(("layer2_0", "conv1", "kernel"), 2, False)
+  assert not resnet.backbone_trainable(("layer2_0", "bn1", "scale"), 2, False)
+  assert resnet.backbone_trainable(("layer2_0", "bn1", "scale"), 0, True)
+  assert resnet.backbone_trainable(("conv1", "kernel"), 0, False)
+  assert not resnet.backbone_trainable(("layer3_0", "conv1", "kernel"), 4,
+                                       False)
+
+
+def test_bad_depth_is_a_clear_error():
+  with pytest.raises(ValueError, match="model.depth=42"):
+    resnet.stem_channels(42, 64)

@@ -15,3 +15,5 @@ from oim_jax.ops.boxes import encode_boxes
 from oim_jax.ops.boxes import ROI_HEAD_WEIGHTS
 from oim_jax.ops.boxes import RPN_WEIGHTS
 from oim_jax.ops.boxes import small_box_mask
+from oim_jax.ops.nms import batched_nms
+from oim_jax.ops.nms import nms

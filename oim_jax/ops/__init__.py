@@ -17,3 +17,4 @@ from oim_jax.ops.boxes import RPN_WEIGHTS
 from oim_jax.ops.boxes import small_box_mask
 from oim_jax.ops.nms import batched_nms
 from oim_jax.ops.nms import nms
+from oim_jax.ops.roi_align import roi_align

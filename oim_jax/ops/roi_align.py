@@ -1,0 +1,207 @@
+"""RoIAlign on NHWC feature maps with torchvision's numbers (and gradient).
+
+Follows torchvision's CPU kernel (``roi_align_kernel.cpp``) exactly:
+  * box coordinates are scaled by ``spatial_scale``; ``aligned=True`` shifts
+    them by -0.5 pixel; ``aligned=False`` forces roi width/height >= 1;
+  * each of the ``out_h x out_w`` bins averages ``sampling_ratio^2`` samples
+    on a regular grid, at ``start + p * bin + (i + 0.5) * bin / sampling_ratio``;
+  * a sample with y < -1 or y > H (or x < -1 or x > W) contributes 0;
+    otherwise y is clamped to >= 0, and at the last row (y_low >= H - 1) it
+    sticks to row H - 1; then bilinear interpolation of the 4 neighbours.
+The bilinear weights and the "outside" test both factor into a y part and an
+x part, which is what both formulations below use:
+
+  * ``"gather"``: per (sample, corner) a row gather from the flattened map,
+    summed: memory O(K * out_h * out_w * C), gradient = scatter-add.
+  * ``"einsum"``: the interpolation weights as dense matrices Wy[K, out_h, H]
+    and Wx[K, out_w, W] contracted with the map (two matmuls, no gathers),
+    computed over chunks of RoIs to bound the [chunk, out, H or W, C]
+    intermediate.
+
+Boxes get no gradient (as torchvision, which returns none for the rois);
+the gradient w.r.t. the features is that of torchvision (autodiff of the same
+linear map). ``sampling_ratio`` must be > 0 (torchvision's adaptive mode, 0,
+needs data-dependent shapes).
+"""
+
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Default formulation per backend. CPU: measured by bench/bench_ops.py (see
+# bench/results/ops.md). GPU/TPU: gathers are cheap on GPU; TPUs prefer
+# matmuls over gathers (not measured here).
+DEFAULT_METHOD = {"cpu": "gather", "gpu": "gather", "cuda": "gather",
+                  "rocm": "gather", "tpu": "einsum"}
+EINSUM_CHUNK = 64  # RoIs per einsum chunk (bounds the intermediate).
+
+
+def _axis_samples(start, bin_size, out: int, ratio: int, size: int):
+  """Per-axis sample indices and bilinear weights (torchvision rules).
+
+  Args:
+    start: ``[K]`` roi start on this axis (feature-map pixels).
+    bin_size: ``[K]`` bin size on this axis.
+    out: number of bins.
+    ratio: samples per bin.
+    size: map extent on this axis (H or W).
+
+  Returns:
+    ``(low, high, w_low, w_high)``, each ``[K, out, ratio]``: neighbour indices
+    (int32) and their weights (0 for samples outside the map).
+  """
+  p = jnp.arange(out, dtype=jnp.float32)[None, :, None]
+  i = jnp.arange(ratio, dtype=jnp.float32)[None, None, :]
+  start = start[:, None, None]
+  bin_size = bin_size[:, None, None]
+  # Same float32 evaluation order as the C++ kernel.
+  coord = start + p * bin_size + (i + 0.5) * bin_size / jnp.float32(ratio)
+  inside = (coord >= -1.0) & (coord <= size)
+  coord = jnp.maximum(coord, 0.0)
+  low = jnp.floor(coord).astype(jnp.int32)
+  at_end = low >= size - 1
+  low = jnp.where(at_end, size - 1, low)
+  high = jnp.where(at_end, size - 1, low + 1)
+  coord = jnp.where(at_end, low.astype(jnp.float32), coord)
+  frac = coord - low.astype(jnp.float32)
+  w_low = jnp.where(inside, 1.0 - frac, 0.0)
+  w_high = jnp.where(inside, frac, 0.0)
+  return low, high, w_low, w_high
+
+
+def _roi_geometry(boxes, spatial_scale, out_hw, aligned):
+  boxes = lax.stop_gradient(jnp.asarray(boxes, jnp.float32))
+  offset = 0.5 if aligned else 0.0
+  scaled = boxes * jnp.float32(spatial_scale) - offset
+  x1, y1, x2, y2 = (scaled[:, j] for j in range(4))
+  roi_w = x2 - x1
+  roi_h = y2 - y1
+  if not aligned:
+    roi_w = jnp.maximum(roi_w, 1.0)
+    roi_h = jnp.maximum(roi_h, 1.0)
+  return x1, y1, roi_h / out_hw[0], roi_w / out_hw[1]
+
+
+def _roi_align_gather(features, box_indices, ys, xs, ratio):
+  n, h, w, c = features.shape
+  ylo, yhi, wylo, wyhi = ys  # [K, oh, r]
+  xlo, xhi, wxlo, wxhi = xs  # [K, ow, r]
+  flat = features.reshape(n * h * w, c)
+  base = box_indices.astype(jnp.int32)[:, None, None] * (h * w)
+  out = None
+  for iy in range(ratio):
+    for yi, wy in ((ylo[..., iy], wylo[..., iy]), (yhi[..., iy], wyhi[..., iy])):
+      for ix in range(ratio):
+        for xi, wx in ((xlo[..., ix], wxlo[..., ix]),
+                       (xhi[..., ix], wxhi[..., ix])):
+          idx = base + yi[:, :, None] * w + xi[:, None, :]  # [K, oh, ow]
+          wgt = wy[:, :, None] * wx[:, None, :]
+          term = jnp.take(flat, idx, axis=0) * wgt[..., None]
+          out = term if out is None else out + term
+  return out / jnp.float32(ratio * ratio)
+
+
+def _axis_matrix(low, high, w_low, w_high, size, ratio):
+  """[K, out, r] samples -> [K, out, size] averaged interpolation weights."""
+  grid = jnp.arange(size, dtype=jnp.int32)
+  m = (jnp.where(low[..., None] == grid, w_low[..., None], 0.0) +
+       jnp.where(high[..., None] == grid, w_high[..., None], 0.0))
+  return jnp.sum(m, axis=2) / jnp.float32(ratio)
+
+
+def _roi_align_einsum(features, box_indices, ys, xs, ratio, chunk):
+  n, h, w, c = features.shape
+  k = box_indices.shape[0]
+  wy = _axis_matrix(*ys, h, ratio)  # [K, oh, H]
+  wx = _axis_matrix(*xs, w, ratio)  # [K, ow, W]
+  img = jax.nn.one_hot(box_indices, n, dtype=features.dtype)  # [K, N]
+  x_first = w >= h  # contract the longer axis first: smaller intermediate
+
+  def one_chunk(args):
+    wy_c, wx_c, img_c = args
+    if n == 1:
+      fmap = features[0]
+      if x_first:
+        t = jnp.einsum("kjw,hwc->kjhc", wx_c, fmap)
+        return jnp.einsum("kih,kjhc->kijc", wy_c, t)
+      t = jnp.einsum("kih,hwc->kiwc", wy_c, fmap)
+      return jnp.einsum("kjw,kiwc->kijc", wx_c, t)
+    # Several images: the image one-hot joins the first contraction.
+    if x_first:
+      t = jnp.einsum("kjw,kn,nhwc->kjhc", wx_c, img_c, features)
+      return jnp.einsum("kih,kjhc->kijc", wy_c, t)
+    t = jnp.einsum("kih,kn,nhwc->kiwc", wy_c, img_c, features)
+    return jnp.einsum("kjw,kiwc->kijc", wx_c, t)
+
+  chunk = max(1, min(int(chunk), k))
+  pad = -k % chunk
+  if pad:
+    wy = jnp.pad(wy, ((0, pad), (0, 0), (0, 0)))
+    wx = jnp.pad(wx, ((0, pad), (0, 0), (0, 0)))
+    img = jnp.pad(img, ((0, pad), (0, 0)))
+  steps = (k + pad) // chunk
+  split = lambda a: a.reshape((steps, chunk) + a.shape[1:])
+  out = lax.map(one_chunk, (split(wy), split(wx), split(img)))
+  return out.reshape((k + pad,) + out.shape[2:])[:k]
+
+
+def roi_align(features, boxes, box_indices,
+              output_size: Union[int, Sequence[int]] = (14, 14),
+              spatial_scale: float = 1.0 / 16,
+              sampling_ratio: int = 2,
+              aligned: bool = False,
+              method: Optional[str] = None,
+              einsum_chunk: int = EINSUM_CHUNK):
+  """RoIAlign (average), = torchvision.ops.roi_align with NHWC layout.
+
+  Args:
+    features: ``[N, H, W, C]`` feature maps.
+    boxes: ``[K, 4]`` (x1, y1, x2, y2) in image pixels (no gradient).
+    box_indices: ``int[K]``, image of each box in ``features`` (0..N-1).
+    output_size: static (out_h, out_w) or an int.
+    spatial_scale: feature-map pixels per image pixel (1/16 for C4).
+    sampling_ratio: static samples per bin along each axis; must be > 0.
+    aligned: torchvision's ``aligned`` (half-pixel shift, no minimum size).
+    method: "gather" or "einsum"; None picks ``DEFAULT_METHOD`` for the
+      default backend. Both give the same numbers.
+    einsum_chunk: RoIs per chunk of the einsum method.
+
+  Returns:
+    ``[K, out_h, out_w, C]`` in the dtype of ``features``.
+  """
+  features = jnp.asarray(features)
+  if features.ndim != 4:
+    raise ValueError(
+        f"roi_align: features must be [N, H, W, C] (NHWC), got shape "
+        f"{features.shape}")
+  boxes = jnp.asarray(boxes)
+  box_indices = jnp.asarray(box_indices)
+  if boxes.ndim != 2 or boxes.shape[1] != 4 or box_indices.shape != boxes.shape[:1]:
+    raise ValueError(
+        f"roi_align: expected boxes [K, 4] and box_indices [K], got "
+        f"{boxes.shape} and {box_indices.shape}")
+  if isinstance(output_size, int):
+    output_size = (output_size, output_size)
+  out_h, out_w = (int(v) for v in output_size)
+  ratio = int(sampling_ratio)
+  if ratio <= 0:
+    raise ValueError(
+        f"roi_align: sampling_ratio must be > 0 (got {sampling_ratio}); the "
+        "adaptive mode (<= 0) needs data-dependent shapes: pass e.g. 2")
+  if method is None:
+    method = DEFAULT_METHOD.get(jax.default_backend(), "gather")
+  if method not in ("gather", "einsum"):
+    raise ValueError(f"roi_align: method must be 'gather' or 'einsum', got "
+                     f"{method!r}")
+  _, h, w, _ = features.shape
+  x1, y1, bin_h, bin_w = _roi_geometry(boxes, spatial_scale, (out_h, out_w),
+                                       aligned)
+  ys = _axis_samples(y1, bin_h, out_h, ratio, h)
+  xs = _axis_samples(x1, bin_w, out_w, ratio, w)
+  if method == "gather":
+    out = _roi_align_gather(features, box_indices, ys, xs, ratio)
+  else:
+    out = _roi_align_einsum(features, box_indices, ys, xs, ratio, einsum_chunk)
+  return out.astype(features.dtype)

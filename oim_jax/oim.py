@@ -47,6 +47,7 @@ identities) is `SoftmaxClassifier` + `softmax_loss`.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -120,7 +121,7 @@ def _masked_cross_entropy(logits: jax.Array, pids: jax.Array,
 
 
 def oim_loss(state: OIMState, x: jax.Array, pids: jax.Array,
-             scalar: float = 30.0) -> jax.Array:
+             scalar: float = 30.0, chunk_size: int | None = None) -> jax.Array:
   """OIM loss: mean softmax cross-entropy over the labeled entries.
 
   Args:
@@ -129,13 +130,111 @@ def oim_loss(state: OIMState, x: jax.Array, pids: jax.Array,
     pids: [K] int, >= 0 labeled (class index into the LUT), -1 unlabeled,
       -2 ignored. Unlabeled and ignored entries add no loss term.
     scalar: inverse temperature (30 in the PyTorch ports, 10 in Caffe).
+    chunk_size: None: materialise the [K, L+Q] logits (fastest for tables of
+      a few 10k rows). An int C: stream over the tables C rows at a time
+      (online log-sum-exp forward, recomputed softmax in a custom backward),
+      so memory is O(K * C) instead of O(K * (L+Q)); same numbers up to
+      float rounding. For very large L+Q (see bench/results/oim.md).
 
   Returns:
     [] float32 loss; 0 (with zero gradient) when no entry is labeled.
   """
   _check_batch(state, x, pids, "oim_loss")
   labeled = _labeled_mask(pids, state.lut.shape[0])
-  return _masked_cross_entropy(oim_logits(state, x, scalar), pids, labeled)
+  if chunk_size is None:
+    return _masked_cross_entropy(oim_logits(state, x, scalar), pids, labeled)
+  if chunk_size <= 0:
+    raise ValueError(f"oim.oim_loss: chunk_size must be None or > 0, got "
+                     f"{chunk_size}")
+  lut = jax.lax.stop_gradient(state.lut).astype(jnp.float32)
+  queue = jax.lax.stop_gradient(state.queue).astype(jnp.float32)
+  target = jnp.where(labeled, pids, 0)
+  weight = labeled.astype(jnp.float32) / jnp.maximum(
+      jnp.sum(labeled), 1).astype(jnp.float32)
+  return _chunked_loss(float(scalar), int(chunk_size), x.astype(jnp.float32),
+                       lut, queue, target, weight)
+
+
+def _chunks(table: jax.Array, chunk: int):
+  """Static chunking of [N, D] rows: (size, count) with the last chunk
+  shifted back to end at N (its rows already seen are masked)."""
+  n = table.shape[0]
+  size = min(chunk, n)
+  return size, -(-n // size)
+
+
+def _chunk(table, size, i):
+  n = table.shape[0]
+  start = jnp.minimum(i * size, n - size)
+  rows = jax.lax.dynamic_slice_in_dim(table, start, size, axis=0)
+  # Rows before i * size were covered by the previous chunk.
+  fresh = start + jnp.arange(size) >= i * size
+  return rows, fresh
+
+
+def _lse_scan(x, table, chunk, scalar, carry):
+  """Online log-sum-exp of scalar * x @ table.T, chunk by chunk."""
+  if table.shape[0] == 0:
+    return carry
+  size, count = _chunks(table, chunk)
+
+  def body(carry, i):
+    m, s = carry
+    rows, fresh = _chunk(table, size, i)
+    logits = jnp.where(fresh[None, :], scalar * (x @ rows.T), -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]),
+                                         axis=1)
+    return (m_new, s), None
+
+  carry, _ = jax.lax.scan(body, carry, jnp.arange(count))
+  return carry
+
+
+def _softmax_matmul_scan(x, table, chunk, scalar, logz, acc):
+  """acc + softmax(scalar * x @ table.T - logz) @ table, chunk by chunk."""
+  if table.shape[0] == 0:
+    return acc
+  size, count = _chunks(table, chunk)
+
+  def body(acc, i):
+    rows, fresh = _chunk(table, size, i)
+    p = jnp.where(fresh[None, :],
+                  jnp.exp(scalar * (x @ rows.T) - logz[:, None]), 0.0)
+    return acc + p @ rows, None
+
+  acc, _ = jax.lax.scan(body, acc, jnp.arange(count))
+  return acc
+
+
+def _chunked_forward(scalar, chunk, x, lut, queue, target, weight):
+  k = x.shape[0]
+  carry = (jnp.full((k,), -jnp.inf, jnp.float32), jnp.zeros((k,), jnp.float32))
+  carry = _lse_scan(x, lut, chunk, scalar, carry)
+  m, s = _lse_scan(x, queue, chunk, scalar, carry)
+  logz = m + jnp.log(s)
+  target_rows = jnp.take(lut, target, axis=0)
+  picked = scalar * jnp.sum(x * target_rows, axis=1)
+  loss = jnp.sum(weight * (logz - picked))
+  return loss, (x, lut, queue, target_rows, weight, logz)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_loss(scalar, chunk, x, lut, queue, target, weight):
+  return _chunked_forward(scalar, chunk, x, lut, queue, target, weight)[0]
+
+
+def _chunked_loss_bwd(scalar, chunk, res, g):
+  x, lut, queue, target_rows, weight, logz = res
+  # d/dx [logz - picked] = scalar * (softmax @ table - table[target]).
+  acc = jnp.zeros_like(x)
+  acc = _softmax_matmul_scan(x, lut, chunk, scalar, logz, acc)
+  acc = _softmax_matmul_scan(x, queue, chunk, scalar, logz, acc)
+  grad_x = (g * scalar * weight)[:, None] * (acc - target_rows)
+  return grad_x, None, None, None, None
+
+
+_chunked_loss.defvjp(_chunked_forward, _chunked_loss_bwd)
 
 
 def _normalize_rows(v: jax.Array) -> jax.Array:

@@ -96,14 +96,18 @@ def _case(name, seed=0):
 
 _loss_and_grad = jax.jit(
     jax.value_and_grad(oim.oim_loss, argnums=(0, 1), allow_int=True),
-                         static_argnames="scalar")
+    static_argnames=("scalar", "chunk_size"))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("scalar", [30.0, 10.0])
-def test_loss_and_grad_match_numpy(name, scalar):
+# None: dense logits; 4: streamed, L=6 and Q=5 rows end in a partial chunk;
+# 1: one row at a time.
+@pytest.mark.parametrize("chunk_size", [None, 4, 1])
+def test_loss_and_grad_match_numpy(name, scalar, chunk_size):
   state, x, pids = _case(name)
-  loss, (g_state, g_x) = _loss_and_grad(state, x, pids, scalar=scalar)
+  loss, (g_state, g_x) = _loss_and_grad(state, x, pids, scalar=scalar,
+                                        chunk_size=chunk_size)
   ref_loss, ref_grad = ref_loss_grad(state.lut, state.queue, x,
                                      np.asarray(pids), scalar)
   assert np.isfinite(float(loss))

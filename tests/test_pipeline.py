@@ -180,7 +180,10 @@ def test_determinism_and_epochs(anns):
 def test_resume_equals_uninterrupted(anns):
   kw = dict(batch_size=2, seed=11, options=_opts(num_workers=2),
             process_index=0, process_count=1)
-  full = _take(pipeline.TrainIterator(anns, **kw), 12)
+  # The uninterrupted reference decodes synchronously: worker threads must
+  # not change the batches either.
+  full = _take(pipeline.TrainIterator(
+      anns, **{**kw, "options": _opts(num_workers=0)}), 12)
   it = pipeline.TrainIterator(anns, **kw)
   _take(it, 4)
   state = it.get_state()
@@ -310,3 +313,15 @@ def test_errors_name_the_file(anns, tmp_path):
   with pytest.raises(ValueError, match="divisible"):
     pipeline.TrainIterator(anns, batch_size=3, options=_opts(),
                            process_index=0, process_count=2)
+
+
+def test_options_from_config():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict({"min_size": 600, "max_size": 1000,
+                                   "num_workers": 0, "root": "/x"})
+  opts = pipeline.PipelineOptions.from_config(cfg)
+  assert (opts.min_size, opts.max_size, opts.num_workers) == (600, 1000, 0)
+  assert opts.max_gt == pipeline.PipelineOptions().max_gt
+  with pytest.raises(ValueError, match="too_many_gt"):
+    pipeline.PipelineOptions(too_many_gt="drop")
+  assert pipeline.global_batch_size(2, num_devices=8) == 16

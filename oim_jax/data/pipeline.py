@@ -572,7 +572,14 @@ class TrainIterator(_BatchReader):
       raise ValueError(f"bad position {dict(state)}: step must be in "
                        f"[0, {self.steps_per_epoch})")
     self._next = epoch * self.steps_per_epoch + step
-    self._iter = None  # Restart lazily (drops any read-ahead).
+    self.close()  # Restart lazily, dropping any read-ahead.
+
+  def close(self):
+    """Stops the read-ahead threads (the iterator restarts on next())."""
+    close = getattr(self._iter, "close", None)
+    if close is not None:
+      close()
+    self._iter = None
 
   def __iter__(self):
     return self

@@ -1,0 +1,353 @@
+"""The person-search network: ResNet stem -> RPN -> RoIAlign -> res5 -> heads.
+
+Public faces (the train/eval libraries call these):
+  default_model_config(preset="resnet50")       -> config.model ConfigDict
+  create_model(config)                           -> PersonSearch
+  init_params(model, config, rng, pretrained=True) -> params
+  trainable_mask(params, config)                 -> pytree of bools
+  loss_fn(model, config, params, oim_state, batch, rng, train=True)
+      -> (total_loss, aux{"losses", "embeddings" [B*R, D], "pids" [B*R]})
+  detect(model, config, params, images, image_sizes)
+      -> {"boxes" [B,M,4], "scores" [B,M], "embeddings" [B,M,D], "valid" [B,M]}
+  embed_boxes(model, config, params, images, boxes [B,K,4]) -> [B,K,D]
+
+`config` is the full config (`config.model`, `config.oim`); `params` is the
+'params' collection. Images are uint8 [B, H, W, 3] canvases (H, W multiples of
+32), normalised on device. All shapes are static; boxes are float32 pixels
+(x1, y1, x2, y2) of the resized canvas.
+"""
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from oim_jax import oim
+from oim_jax import ops
+from oim_jax import pretrained as pretrained_lib
+from oim_jax.data import pipeline
+from oim_jax.models import resnet
+from oim_jax.models import roi_heads
+from oim_jax.models import rpn
+
+STRIDE = 16  # of the stem output C4
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def default_model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
+  """`config.model`: every field of the network, with the reference values.
+
+  Args:
+    preset: "resnet50" (DESIGN §3 reference setup) or "tiny" (ResNet-18
+      layout, width 8, from scratch: tests and the synthetic dataset).
+  """
+  c = ml_collections.ConfigDict()
+  # Backbone (oim_jax/models/resnet.py).
+  c.depth = 50  # 18 | 34 | 50 | 101
+  c.width = 64  # conv1 channels / first-stage planes (64 = ImageNet ResNet)
+  c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params float32)
+  c.freeze_at = 2  # 0 none, 1 conv1, 2 conv1+res2 (default), ... 4 the stem
+  c.train_bn = False  # train the folded BN affines (only sensible from scratch)
+  c.zero_init_residual = False  # zero-init last BN of each block (scratch)
+  c.pretrained = ""  # converted ImageNet weights (.npz/.msgpack), see README
+  # Anchors (one feature map, stride 16); ratio = h / w as torchvision.
+  c.anchor_sizes = (32, 64, 128, 256, 512)
+  c.anchor_ratios = (0.5, 1.0, 2.0)
+  # RPN (oim_jax/models/rpn.py).
+  c.rpn = ml_collections.ConfigDict()
+  c.rpn.channels = 0  # 3x3 conv channels; 0 = C4 channels (1024)
+  c.rpn.fg_iou = 0.7  # anchor fg iff IoU >= 0.7 (plus each GT's best)
+  c.rpn.bg_iou = 0.3  # anchor bg iff IoU < 0.3
+  c.rpn.batch_size = 256  # sampled anchors per image
+  c.rpn.fg_fraction = 0.5
+  c.rpn.pre_nms_top_n_train = 12000
+  c.rpn.post_nms_top_n_train = 2000
+  c.rpn.pre_nms_top_n_test = 6000
+  c.rpn.post_nms_top_n_test = 300
+  c.rpn.nms_thresh = 0.7
+  c.rpn.min_size = 1e-3  # drop proposals narrower/shorter than this (px)
+  c.rpn.smooth_l1_beta = 1.0 / 9
+  # RoI heads (oim_jax/models/roi_heads.py).
+  c.roi = ml_collections.ConfigDict()
+  c.roi.batch_size = 128  # sampled RoIs per image
+  c.roi.fg_fraction = 0.5  # PyTorch ports 0.5, Caffe original 0.25
+  c.roi.fg_iou = 0.5  # RoI fg iff IoU >= 0.5
+  c.roi.bg_iou = 0.5  # RoI bg iff bg_iou_lo <= IoU < 0.5
+  c.roi.bg_iou_lo = 0.0
+  c.roi.pool_size = 14  # RoIAlign output (res5 halves it to 7)
+  c.roi.sampling_ratio = 2
+  c.roi.aligned = False  # torchvision RoIAlign `aligned`
+  c.roi.score_thresh = 0.5  # test: person score threshold
+  c.roi.nms_thresh = 0.4  # test: NMS between detections
+  c.roi.detections_per_image = 100  # test: M, padded with valid=False
+  c.roi.min_size = 1e-2
+  c.roi.smooth_l1_beta = 1.0 / 9
+  # Identity embedding.
+  c.embedding_dim = 256
+  c.embedding_norm = "none"  # "none" | "layernorm" (stateless BN-neck stand-in)
+  # Loss weights (total = sum of weight * loss).
+  c.loss_weights = ml_collections.ConfigDict(dict(
+      rpn_cls=1.0, rpn_reg=1.0, det_cls=1.0, det_reg=1.0, reid=1.0))
+  if preset == "tiny":
+    c.depth, c.width = 18, 8
+    c.freeze_at, c.train_bn, c.zero_init_residual = 0, True, True
+    c.anchor_sizes = (16, 32, 64, 128)
+    c.rpn.pre_nms_top_n_train, c.rpn.post_nms_top_n_train = 600, 150
+    c.rpn.pre_nms_top_n_test, c.rpn.post_nms_top_n_test = 300, 50
+    c.roi.batch_size = 32
+    c.roi.detections_per_image = 16
+    c.embedding_dim = 64
+  elif preset != "resnet50":
+    raise ValueError(f"unknown model preset {preset!r}: resnet50 | tiny")
+  return c
+
+
+class PersonSearch(nn.Module):
+  """Detector + re-identification network (Xiao et al., CVPR 2017).
+
+  Attributes:
+    config: frozen `config.model`.
+    num_softmax_classes: > 0 adds the softmax-baseline identity classifier
+      (config.oim.loss == "softmax") with that many classes.
+  """
+  config: Any
+  num_softmax_classes: int = 0
+
+  def setup(self):
+    c = self.config
+    dtype = _dtype(c)
+    c4 = resnet.stem_channels(c.depth, c.width)
+    self.stem = resnet.ResNetStem(c.depth, c.width, c.freeze_at, c.train_bn,
+                                  c.zero_init_residual, dtype)
+    self.rpn_head = rpn.RPNHead(ops.num_anchors(c.anchor_sizes,
+                                                c.anchor_ratios),
+                                c.rpn.channels or c4, dtype)
+    self.res5 = resnet.ResNetHead(c.depth, c.width, c.train_bn,
+                                  c.zero_init_residual, dtype)
+    self.predictor = roi_heads.BoxPredictor(c.embedding_dim,
+                                            c.embedding_norm, dtype)
+    if self.num_softmax_classes:
+      self.reid_classifier = oim.SoftmaxClassifier(self.num_softmax_classes)
+
+  # -- building blocks ----------------------------------------------------
+
+  def features(self, images):
+    """uint8 [B, H, W, 3] -> C4 [B, H/16, W/16, C4]."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be [B, H, W, 3] uint8, got "
+                       f"{images.shape} {images.dtype}")
+    return self.stem(pipeline.normalize(images, _dtype(self.config)))
+
+  def anchors(self, c4, image_size):
+    """-> (anchors [A, 4], valid bool [B, A])."""
+    c = self.config
+    a = ops.anchors(tuple(c4.shape[1:3]), STRIDE, c.anchor_sizes,
+                    c.anchor_ratios)
+    valid = jax.vmap(rpn.anchor_valid_mask, (None, 0))(a, image_size)
+    return a, valid
+
+  def proposals(self, c4, image_size, logits, deltas, train: bool):
+    """-> (proposals [B, P, 4], valid [B, P]); no gradient."""
+    c = self.config.rpn
+    anchors, valid = self.anchors(c4, image_size)
+    pre = c.pre_nms_top_n_train if train else c.pre_nms_top_n_test
+    post = c.post_nms_top_n_train if train else c.post_nms_top_n_test
+    fn = lambda l, d, v, s: rpn.proposals(
+        l, d, anchors, v, s, pre_nms_top_n=pre, post_nms_top_n=post,
+        nms_thresh=c.nms_thresh, min_size=c.min_size)
+    return jax.vmap(fn)(jax.lax.stop_gradient(logits),
+                        jax.lax.stop_gradient(deltas), valid, image_size)
+
+  def box_features(self, c4, boxes):
+    """C4 [B, h, w, C], boxes [B, K, 4] -> pooled res5 features [B*K, C5]."""
+    c = self.config.roi
+    b, k = boxes.shape[:2]
+    idx = jnp.repeat(jnp.arange(b, dtype=jnp.int32), k)
+    rois = ops.roi_align(c4, jax.lax.stop_gradient(boxes.reshape(b * k, 4)),
+                         idx, output_size=(c.pool_size, c.pool_size),
+                         spatial_scale=1.0 / STRIDE,
+                         sampling_ratio=c.sampling_ratio, aligned=c.aligned)
+    return self.res5(rois)
+
+  def __call__(self, images, boxes):
+    """Touches every submodule (used by init): returns embeddings [B*K, D]."""
+    c4 = self.features(images)
+    self.rpn_head(c4)
+    _, _, emb = self.predictor(self.box_features(c4, boxes))
+    if self.num_softmax_classes:
+      self.reid_classifier(emb)
+    return emb
+
+  # -- the three uses -----------------------------------------------------
+
+  def train_outputs(self, batch, key, train: bool = True):
+    """Losses (except re-id), sampled-RoI embeddings and pids.
+
+    Args:
+      batch: the pipeline's dict ("image", "image_size", "boxes", "pids",
+        "box_mask").
+      key: PRNG key for anchor and RoI sampling.
+      train: use the training (else test) pre/post-NMS proposal counts.
+    """
+    c = self.config
+    images = jnp.asarray(batch["image"])
+    image_size = jnp.asarray(batch["image_size"], jnp.int32)
+    gt_boxes = jnp.asarray(batch["boxes"], jnp.float32)
+    gt_pids = jnp.asarray(batch["pids"], jnp.int32)
+    gt_valid = jnp.asarray(batch["box_mask"], bool)
+    b = images.shape[0]
+    c4 = self.features(images)
+    logits, deltas = self.rpn_head(c4)
+    anchors, anchor_valid = self.anchors(c4, image_size)
+    key_rpn, key_roi = jax.random.split(key)
+    targets = jax.vmap(lambda v, g, m, k: rpn.rpn_targets(
+        anchors, v, g, m, k, fg_iou=c.rpn.fg_iou, bg_iou=c.rpn.bg_iou,
+        batch_size=c.rpn.batch_size, fg_fraction=c.rpn.fg_fraction))(
+            anchor_valid, gt_boxes, gt_valid, jax.random.split(key_rpn, b))
+    rpn_cls, rpn_reg = rpn.rpn_losses(logits, deltas, targets,
+                                      c.rpn.smooth_l1_beta)
+
+    props, props_valid = self.proposals(c4, image_size, logits, deltas, train)
+    samples = jax.vmap(lambda p, pv, g, gp, m, k: roi_heads.sample_rois(
+        p, pv, g, gp, m, k, batch_size=c.roi.batch_size,
+        fg_fraction=c.roi.fg_fraction, fg_iou=c.roi.fg_iou,
+        bg_iou=c.roi.bg_iou, bg_iou_lo=c.roi.bg_iou_lo))(
+            props, props_valid, gt_boxes, gt_pids, gt_valid,
+            jax.random.split(key_roi, b))
+    cls_logits, box_deltas, emb = self.predictor(
+        self.box_features(c4, samples.boxes))
+    flat = jax.tree_util.tree_map(
+        lambda x: x.reshape((-1,) + x.shape[2:]), samples)
+    det_cls, det_reg = roi_heads.detection_losses(
+        cls_logits, box_deltas, flat, c.roi.smooth_l1_beta)
+    out = {"losses": {"rpn_cls": rpn_cls, "rpn_reg": rpn_reg,
+                      "det_cls": det_cls, "det_reg": det_reg},
+           "embeddings": emb, "pids": flat.pids}
+    if self.num_softmax_classes:
+      out["reid_logits"] = self.reid_classifier(emb)
+    return out
+
+  def detect(self, images, image_sizes):
+    """Detections with embeddings of the final (regressed) boxes."""
+    c = self.config.roi
+    image_sizes = jnp.asarray(image_sizes, jnp.int32)
+    c4 = self.features(images)
+    logits, deltas = self.rpn_head(c4)
+    props, props_valid = self.proposals(c4, image_sizes, logits, deltas,
+                                        False)
+    b, p = props.shape[:2]
+    cls_logits, box_deltas, _ = self.predictor(self.box_features(c4, props))
+    boxes, scores, valid = jax.vmap(lambda pr, pv, cl, d, s:
+                                    roi_heads.postprocess(
+        pr, pv, cl, d, s, score_thresh=c.score_thresh,
+        nms_thresh=c.nms_thresh, detections=c.detections_per_image,
+        min_size=c.min_size))(
+            props, props_valid, cls_logits.reshape(b, p, 2),
+            box_deltas.reshape(b, p, 4), image_sizes)
+    # OIM inference: re-pool the regressed boxes and embed them.
+    emb = self.embed(c4, boxes)
+    emb = jnp.where(valid[..., None], emb, 0.0)
+    return {"boxes": boxes, "scores": scores, "embeddings": emb,
+            "valid": valid}
+
+  def embed(self, c4, boxes):
+    """C4, boxes [B, K, 4] -> embeddings [B, K, D]."""
+    _, _, emb = self.predictor(self.box_features(c4, boxes))
+    return emb.reshape(boxes.shape[:2] + emb.shape[-1:])
+
+  def embed_images(self, images, boxes):
+    return self.embed(self.features(images), jnp.asarray(boxes, jnp.float32))
+
+
+def _dtype(model_config):
+  if model_config.dtype not in _DTYPES:
+    raise ValueError(f"model.dtype={model_config.dtype!r}: use one of "
+                     f"{sorted(_DTYPES)}")
+  return _DTYPES[model_config.dtype]
+
+
+def create_model(config) -> PersonSearch:
+  """Builds the module from the full config (`config.model`, `config.oim`)."""
+  loss = config.oim.loss
+  if loss not in ("oim", "softmax"):
+    raise ValueError(f"config.oim.loss={loss!r}: use 'oim' or 'softmax'")
+  return PersonSearch(
+      ml_collections.FrozenConfigDict(config.model),
+      config.oim.num_labeled if loss == "softmax" else 0)
+
+
+def init_params(model: PersonSearch, config, rng, pretrained: bool = True):
+  """Random init, then the converted ImageNet weights if configured.
+
+  Returns:
+    the 'params' collection (nested dicts of float32 arrays).
+  """
+  images = jnp.zeros((1, 64, 64, 3), jnp.uint8)
+  boxes = jnp.array([[[0.0, 0.0, 32.0, 32.0]]], jnp.float32)
+  params = flax.core.unfreeze(jax.jit(model.init)(rng, images, boxes)["params"])
+  path = config.model.pretrained
+  if pretrained and path:
+    params = pretrained_lib.merge(params, pretrained_lib.load(path),
+                                  source=f"config.model.pretrained={path}")
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+  return params
+
+
+def trainable_mask(params, config):
+  """Pytree of bools like `params`: True where the optimizer updates."""
+  c = config.model
+
+  def leaf(path, _):
+    names = tuple(getattr(k, "key", str(k)) for k in path)
+    if names[0] in ("stem", "res5"):
+      return resnet.backbone_trainable(names[1:], c.freeze_at, c.train_bn)
+    return True
+
+  return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def loss_fn(model: PersonSearch, config, params, oim_state, batch, rng,
+            train: bool = True):
+  """Total training loss and what the OIM update needs.
+
+  Returns:
+    (total, aux) with aux = {"losses": {rpn_cls, rpn_reg, det_cls, det_reg,
+    reid}, "embeddings": [B*R, D] (no gradient), "pids": [B*R] int32 (-2 for
+    background and unused RoI slots)}.
+  """
+  out = model.apply({"params": params}, batch, rng, train,
+                    method=PersonSearch.train_outputs)
+  if config.oim.loss == "softmax":
+    reid = oim.softmax_loss(out["reid_logits"], out["pids"])
+  else:
+    reid = oim.oim_loss(oim_state, out["embeddings"], out["pids"],
+                        config.oim.scalar)
+  losses = dict(out["losses"], reid=reid)
+  w = config.model.loss_weights
+  total = sum(w[k] * v for k, v in losses.items())
+  aux = {"losses": losses,
+         "embeddings": jax.lax.stop_gradient(out["embeddings"]),
+         "pids": out["pids"]}
+  return total, aux
+
+
+def detect(model: PersonSearch, config, params, images, image_sizes):
+  """uint8 images [B, H, W, 3], image_sizes [B, 2] (h, w) -> detections.
+
+  Returns:
+    {"boxes" [B, M, 4], "scores" [B, M], "embeddings" [B, M, D],
+     "valid" bool [B, M]} with M = config.model.roi.detections_per_image.
+  """
+  del config  # carried by the model
+  return model.apply({"params": params}, images, image_sizes,
+                     method=PersonSearch.detect)
+
+
+def embed_boxes(model: PersonSearch, config, params, images, boxes):
+  """Embeddings of given boxes (e.g. a query's GT box): [B, K, D]."""
+  del config
+  return model.apply({"params": params}, images, boxes,
+                     method=PersonSearch.embed_images)

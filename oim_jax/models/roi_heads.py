@@ -1,0 +1,136 @@
+"""RoI heads: RoI sampling, box/identity predictors, losses, post-processing.
+
+Per-image functions are written for one image and vmapped over the batch.
+Detection has two classes (background, person); box regression is for the
+person class with weights (10, 10, 5, 5).
+"""
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from oim_jax import ops
+from oim_jax.models import rpn
+
+BACKGROUND_PID = -2  # pid of background RoIs and padding (OIM "ignore")
+
+
+class RoISamples(NamedTuple):
+  """Sampled RoIs of one image (or a batch: leading B)."""
+  boxes: jax.Array   # float32 [R, 4]
+  labels: jax.Array  # int32 [R]: 1 person, 0 background, -1 unused slot
+  deltas: jax.Array  # float32 [R, 4] regression targets (valid where 1)
+  pids: jax.Array    # int32 [R]: matched GT pid (>= 0 / -1) for fg, else -2
+
+
+def sample_rois(proposals, proposal_valid, gt_boxes, gt_pids, gt_valid, key,
+                *, batch_size: int = 128, fg_fraction: float = 0.5,
+                fg_iou: float = 0.5, bg_iou: float = 0.5,
+                bg_iou_lo: float = 0.0) -> RoISamples:
+  """Training RoIs of one image: proposals and GT boxes, matched and sampled.
+
+  Args:
+    proposals: [P, 4]; proposal_valid: bool [P].
+    gt_boxes: [G, 4]; gt_pids: int32 [G]; gt_valid: bool [G].
+    key: PRNG key.
+    batch_size: RoIs per image (static), fg_fraction: max fg share.
+    fg_iou: fg iff best IoU >= fg_iou; bg iff bg_iou_lo <= IoU < bg_iou.
+  Returns:
+    RoISamples with R = min(batch_size, P + G) rows, fg first.
+  """
+  cand = jnp.concatenate([proposals, gt_boxes], axis=0)
+  cand_valid = jnp.concatenate([proposal_valid, gt_valid], axis=0)
+  iou = ops.box_iou(cand, gt_boxes)
+  labels, matched = rpn.match(iou, cand_valid, gt_valid, fg_iou, bg_iou,
+                              False, bg_iou_lo)
+  index, kind = rpn.sample(labels, key, batch_size, fg_fraction)
+  boxes = cand[index]
+  gt = gt_boxes[matched[index]]
+  deltas = ops.encode_boxes(gt, boxes, ops.ROI_HEAD_WEIGHTS)
+  deltas = jnp.where((kind == rpn.FG)[:, None], deltas, 0.0)
+  pids = jnp.where(kind == rpn.FG, gt_pids[matched[index]], BACKGROUND_PID)
+  return RoISamples(boxes, kind, deltas, pids.astype(jnp.int32))
+
+
+class BoxPredictor(nn.Module):
+  """Pooled res5 features -> person logits, box deltas, identity embedding.
+
+  Attributes:
+    embedding_dim: D (256).
+    embedding_norm: "none" or "layernorm" (a per-embedding normalisation
+      before L2 normalisation; stateless, unlike a BatchNorm neck).
+    dtype: compute dtype; outputs are float32.
+  """
+  embedding_dim: int = 256
+  embedding_norm: str = "none"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [K, C] -> (cls_logits [K, 2], deltas [K, 4], embeddings [K, D])."""
+    dense = lambda n, std, name: nn.Dense(
+        n, kernel_init=nn.initializers.normal(std), dtype=self.dtype,
+        param_dtype=jnp.float32, name=name)
+    x = x.astype(self.dtype)
+    cls = dense(2, 0.01, "cls_score")(x).astype(jnp.float32)
+    deltas = dense(4, 0.001, "bbox_pred")(x).astype(jnp.float32)
+    emb = dense(self.embedding_dim, 0.01, "embedding")(x).astype(jnp.float32)
+    if self.embedding_norm == "layernorm":
+      emb = nn.LayerNorm(name="embedding_norm")(emb)
+    elif self.embedding_norm != "none":
+      raise ValueError(f"model.embedding_norm={self.embedding_norm!r}: use "
+                       "'none' or 'layernorm'")
+    emb = emb * jax.lax.rsqrt(
+        jnp.maximum(jnp.sum(emb * emb, axis=-1, keepdims=True), 1e-12))
+    return cls, deltas, emb
+
+
+def detection_losses(cls_logits, deltas, samples: RoISamples,
+                     beta: float = 1.0 / 9):
+  """torchvision fastrcnn_loss over the flattened sampled RoIs.
+
+  Args:
+    cls_logits: [K, 2]; deltas: [K, 4]; samples: RoISamples flattened to [K].
+  Returns:
+    (cls_loss, reg_loss): cross-entropy averaged over used RoIs; smooth-L1
+    summed over person RoIs and divided by the number of used RoIs.
+  """
+  used = (samples.labels >= 0).astype(jnp.float32)
+  fg = (samples.labels == rpn.FG).astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(used), 1.0)
+  logp = jax.nn.log_softmax(cls_logits, axis=-1)
+  target = jnp.clip(samples.labels, 0, 1)
+  ce = -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
+  cls = jnp.sum(ce * used) / n
+  reg = jnp.sum(rpn.smooth_l1(deltas - samples.deltas, beta) *
+                fg[:, None]) / n
+  return cls, reg
+
+
+def postprocess(proposals, proposal_valid, cls_logits, deltas, image_size, *,
+                score_thresh: float, nms_thresh: float, detections: int,
+                min_size: float = 1e-2):
+  """Final detections of one image.
+
+  Decodes the person-class regression on the proposals, clips, drops low
+  scores and tiny boxes, NMS, keeps the best `detections`.
+
+  Args:
+    proposals: [P, 4]; proposal_valid: bool [P]; cls_logits: [P, 2];
+    deltas: [P, 4]; image_size: [2] (h, w).
+  Returns:
+    (boxes [M, 4], scores [M], valid bool [M]), M = detections, by score;
+    invalid slots have box 0 and score 0.
+  """
+  scores = jax.nn.softmax(cls_logits, axis=-1)[:, 1]
+  boxes = ops.decode_boxes(deltas, proposals, ops.ROI_HEAD_WEIGHTS)
+  boxes = ops.clip_boxes(boxes, image_size)
+  valid = (proposal_valid & (scores >= score_thresh) &
+           ops.small_box_mask(boxes, min_size))
+  keep, _ = ops.nms(boxes, scores, nms_thresh, detections, valid=valid)
+  ok = keep >= 0
+  idx = jnp.maximum(keep, 0)
+  return (jnp.where(ok[:, None], boxes[idx], 0.0),
+          jnp.where(ok, scores[idx], 0.0), ok)

@@ -1,0 +1,94 @@
+"""RoI heads: sampling with pids, predictor, losses, post-processing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from oim_jax.models import roi_heads
+
+
+def test_sample_rois_hand_checked():
+  proposals = jnp.array([[0, 0, 10, 20],    # IoU 1 with GT0 -> fg, pid 5
+                         [0, 0, 10, 10],    # IoU 0.5 with GT0 -> fg
+                         [0, 0, 10, 8],     # IoU 0.4 -> bg
+                         [50, 50, 70, 90],  # IoU 1 with GT1 -> fg, pid -1
+                         [200, 200, 220, 240],  # IoU 0 -> bg
+                         [0, 0, 10, 20]], jnp.float32)  # invalid proposal
+  valid = jnp.array([True] * 5 + [False])
+  gts = jnp.array([[0, 0, 10, 20], [50, 50, 70, 90], [0, 0, 99, 99]],
+                  jnp.float32)
+  gt_pids = jnp.array([5, -1, -2])
+  gt_valid = jnp.array([True, True, False])
+  s = roi_heads.sample_rois(proposals, valid, gts, gt_pids, gt_valid,
+                            jax.random.PRNGKey(0), batch_size=16,
+                            fg_fraction=0.5)
+  # Candidates: 5 valid proposals + 2 GTs = 5 fg, 2 bg; 16 slots.
+  labels = np.asarray(s.labels)
+  assert labels.shape == (9,)  # min(16, 6 + 3)
+  np.testing.assert_array_equal(labels, [1] * 5 + [0] * 2 + [-1] * 2)
+  fg_boxes = {tuple(b) for b in np.asarray(s.boxes[:5]).tolist()}
+  assert fg_boxes == {(0, 0, 10, 20), (0, 0, 10, 10), (50, 50, 70, 90)}
+  pids = np.asarray(s.pids)
+  for b, p in zip(np.asarray(s.boxes[:5]).tolist(), pids[:5]):
+    assert p == (-1 if b[0] == 50 else 5)
+  np.testing.assert_array_equal(pids[5:], -2)
+  bg_boxes = {tuple(b) for b in np.asarray(s.boxes[5:7]).tolist()}
+  assert bg_boxes == {(0, 0, 10, 8), (200, 200, 220, 240)}
+  # Regression target of (0,0,10,10) -> GT (0,0,10,20), weights (10,10,5,5):
+  # dx 0, dy 10*(10-5)/10 = 5, dw 0, dh 5*log(2).
+  i = [j for j in range(5) if tuple(np.asarray(s.boxes[j])) == (0, 0, 10, 10)]
+  np.testing.assert_allclose(s.deltas[i[0]], [0, 5, 0, 5 * np.log(2)],
+                             rtol=1e-5, atol=1e-6)
+  # fg fraction caps the fg count.
+  s2 = roi_heads.sample_rois(proposals, valid, gts, gt_pids, gt_valid,
+                             jax.random.PRNGKey(1), batch_size=4,
+                             fg_fraction=0.5)
+  np.testing.assert_array_equal(s2.labels, [1, 1, 0, 0])
+
+
+def test_predictor_and_losses_vs_numpy():
+  pred = roi_heads.BoxPredictor(embedding_dim=6)
+  x = jax.random.normal(jax.random.PRNGKey(0), (5, 12))
+  params = pred.init(jax.random.PRNGKey(1), x)
+  cls, deltas, emb = pred.apply(params, x)
+  assert cls.shape == (5, 2) and deltas.shape == (5, 4) and emb.shape == (5, 6)
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+  ln = roi_heads.BoxPredictor(embedding_dim=6, embedding_norm="layernorm")
+  _, _, emb2 = ln.apply(ln.init(jax.random.PRNGKey(1), x), x)
+  np.testing.assert_allclose(np.linalg.norm(emb2, axis=1), 1.0, rtol=1e-5)
+
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(5, 2)).astype(np.float32)
+  d = rng.normal(size=(5, 4)).astype(np.float32)
+  t = rng.normal(size=(5, 4)).astype(np.float32)
+  labels = np.array([1, 0, -1, 1, 0])
+  samples = roi_heads.RoISamples(jnp.zeros((5, 4)), jnp.asarray(labels),
+                                 jnp.asarray(t), jnp.zeros(5, jnp.int32))
+  c, r = roi_heads.detection_losses(jnp.asarray(logits), jnp.asarray(d),
+                                    samples)
+  used = labels >= 0
+  lp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  ref_c = -np.mean([lp[i, labels[i]] for i in np.where(used)[0]])
+  a = np.abs(d - t)
+  sl1 = np.where(a < 1 / 9, 4.5 * a * a, a - 1 / 18)
+  ref_r = sl1[labels == 1].sum() / used.sum()
+  np.testing.assert_allclose(c, ref_c, rtol=1e-5)
+  np.testing.assert_allclose(r, ref_r, rtol=1e-5)
+
+
+def test_postprocess():
+  proposals = jnp.array([[0, 0, 10, 20], [1, 0, 11, 20], [30, 30, 50, 70],
+                         [60, 0, 80, 40], [0, 0, 5, 5]], jnp.float32)
+  valid = jnp.array([True, True, True, True, False])
+  p_person = jnp.array([0.9, 0.8, 0.6, 0.3, 0.99])
+  logits = jnp.stack([jnp.zeros(5), jnp.log(p_person / (1 - p_person))], 1)
+  deltas = jnp.zeros((5, 4))
+  boxes, scores, ok = roi_heads.postprocess(
+      proposals, valid, logits, deltas, jnp.array([60, 70]),
+      score_thresh=0.5, nms_thresh=0.4, detections=4)
+  # Box 1 overlaps box 0 (IoU 0.82) -> suppressed; box 3 below threshold;
+  # box 4 invalid; box 2 clipped to the image (y2 70 -> 60).
+  np.testing.assert_array_equal(ok, [True, True, False, False])
+  np.testing.assert_allclose(scores[:2], [0.9, 0.6], rtol=1e-5)
+  np.testing.assert_allclose(boxes[:2], [[0, 0, 10, 20], [30, 30, 50, 60]])
+  np.testing.assert_array_equal(boxes[2:], 0)

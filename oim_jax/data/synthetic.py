@@ -164,6 +164,7 @@ class SceneRecord:
   boxes: np.ndarray  # [n, 4] int64 x, y, w, h
   identity: np.ndarray  # [n] int64 index into train/test ids, -1 unlabeled
   ishard: np.ndarray  # [n] int64 1 when a third or more of the box is hidden
+  keys: list = dataclasses.field(default_factory=list)  # Appearance.key()s
 
 
 # ----------------------------------------------------------------- people ---
@@ -816,7 +817,8 @@ def generate(out_dir: str, config: SyntheticConfig = SyntheticConfig(),
     Image.fromarray(image).save(os.path.join(img_dir, name), "JPEG",
                                 quality=config.jpeg_quality)
     records.append(SceneRecord(name, split, int(camera_of[j]), cam.height,
-                               cam.width, boxes, identity, ishard))
+                               cam.width, boxes, identity, ishard,
+                               [people[i][0].key() for i in index]))
     if verbose and (j + 1) % 100 == 0:
       print(f"  {j + 1}/{n_total} scenes, {time.time() - t0:.1f}s",
             flush=True)

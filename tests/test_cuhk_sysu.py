@@ -57,7 +57,7 @@ GALLERIES = {
 }
 
 
-def _write_protocol(path, size, queries, galleries):
+def _write_protocol(path, size, queries, galleries, cells=False):
   items = []
   for k, ((qname, qbox), gallery) in enumerate(zip(queries, galleries)):
     query = _struct([dict(imname=qname, idlocate=_d(*qbox), ishard=_d(0),
@@ -69,12 +69,15 @@ def _write_protocol(path, size, queries, galleries):
       empty = np.zeros((0, 0)) if j % 2 else np.zeros((1, 0))
       rows.append(dict(imname=name, idlocate=empty if box is None else _d(*box),
                        ishard=_d(0)))
-    items.append(dict(Query=query,
-                      Gallery=_struct(rows, ["imname", "idlocate", "ishard"])))
+    fields = ["imname", "idlocate", "ishard"]
+    gal = (_cell([_struct([r], fields) for r in rows], (1, len(rows)))
+           if cells else _struct(rows, fields))
+    items.append(dict(Query=query, Gallery=gal))
   scipy.io.savemat(path, {f"TestG{size}": _struct(items, ["Query", "Gallery"])})
 
 
-def write_cuhk(root, images=IMAGES, galleries=GALLERIES):
+def write_cuhk(root, images=IMAGES, galleries=GALLERIES, cells=False):
+  """Writes the fixture; cells=True stores person lists as cells of structs."""
   ssm = root / "Image" / "SSM"
   ssm.mkdir(parents=True)
   for name in images:
@@ -84,8 +87,10 @@ def write_cuhk(root, images=IMAGES, galleries=GALLERIES):
   proto.mkdir(parents=True)
   img_rows = []
   for name, boxes in images.items():
-    box = _struct([dict(idlocate=_d(*b), ishard=_d(0)) for b in boxes],
-                  ["idlocate", "ishard"])
+    rows = [dict(idlocate=_d(*b), ishard=_d(0)) for b in boxes]
+    box = (_cell([_struct([r], ["idlocate", "ishard"]) for r in rows],
+                 (1, len(rows))) if cells else
+           _struct(rows, ["idlocate", "ishard"]))
     img_rows.append(dict(imname=name, nAppear=_d(len(boxes)), box=box))
   scipy.io.savemat(ann / "Images.mat",
                    {"Img": _struct(img_rows, ["imname", "nAppear", "box"])})
@@ -99,7 +104,7 @@ def write_cuhk(root, images=IMAGES, galleries=GALLERIES):
   scipy.io.savemat(proto / "Train.mat",
                    {"Train": _cell(cells, (1, len(cells)))})
   for size, gal in galleries.items():
-    _write_protocol(proto / f"TestG{size}.mat", size, QUERIES, gal)
+    _write_protocol(proto / f"TestG{size}.mat", size, QUERIES, gal, cells)
   return root
 
 
@@ -208,6 +213,18 @@ def test_eager_protocols_and_query_mismatch(tmp_path):
   ds = cuhk_sysu.load(root)
   with pytest.raises(DatasetFormatError, match="TestG500.mat"):
     ds.gallery_for(0, 500)
+
+
+def test_cell_of_structs_layout(tmp_path):
+  # Person lists stored as cell arrays of 1x1 structs read the same.
+  ref = cuhk_sysu.load(write_cuhk(tmp_path / "a"))
+  ds = cuhk_sysu.load(write_cuhk(tmp_path / "b", cells=True))
+  for x, y in zip(ref.train + ref.gallery, ds.train + ds.gallery):
+    assert x.name == y.name
+    np.testing.assert_array_equal(x.boxes, y.boxes)
+    np.testing.assert_array_equal(x.pids, y.pids)
+  for k in range(2):
+    assert _entries(ds.gallery_for(k, 100)) == _entries(ref.gallery_for(k, 100))
 
 
 def test_counts_silent_when_disabled(root, caplog):

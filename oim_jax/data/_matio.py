@@ -86,6 +86,8 @@ def unwrap(x: Any) -> Any:
 
 def to_str(x: Any) -> str:
   """A MATLAB char array / cell holding one string -> str."""
+  if type(x) is np.ndarray and x.dtype.kind == "U" and x.size == 1:
+    return x.item().strip()  # Fast path: loadmat's (1,) char row.
   x = unwrap(x)
   if isinstance(x, np.ndarray):
     if x.size != 1:
@@ -100,6 +102,8 @@ def to_str(x: Any) -> str:
 
 def to_floats(x: Any) -> np.ndarray:
   """A MATLAB numeric array (any wrapping) -> flat float64 array (maybe empty)."""
+  if type(x) is np.ndarray and x.dtype.kind == "f":
+    return x.reshape(-1).astype(np.float64, copy=False)  # Fast path.
   x = unwrap(x)
   return np.asarray(x, dtype=np.float64).reshape(-1)
 

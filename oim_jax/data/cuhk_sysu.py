@@ -93,6 +93,7 @@ class _ImageBoxes:
     self.names = names
     self.xywh = xywh  # [total, 4] int64, degenerate boxes already dropped.
     self.starts = starts  # [num_images + 1]
+    self.xyxy = _to_xyxy(xywh)  # [total, 4] float32, converted once.
     self.index = {n: i for i, n in enumerate(names)}
 
   def boxes(self, i: int) -> np.ndarray:
@@ -119,6 +120,12 @@ def _read_images(path: str) -> _ImageBoxes:
         arr = box["idlocate"].reshape(-1, order="F")  # One object per person.
         counts.append(arr.size)
         locs.extend(np.asarray(a, np.float64).reshape(-1) for a in arr)
+      elif isinstance(box, (np.void, np.ndarray)) and (
+          isinstance(box, np.void) or box.dtype == object):
+        persons = _matio.records(box)  # A cell array of structs.
+        counts.append(len(persons))
+        locs.extend(_matio.to_floats(_matio.field(r, "idlocate"))
+                    for r in persons)
       else:  # A plain [n, 4] numeric array.
         arr = np.asarray(box, np.float64).reshape(-1, 4)
         counts.append(len(arr))
@@ -198,8 +205,13 @@ def _read_protocol(path: str, size: int):
       queries.append((_matio.to_str(_matio.field(q, "imname")), _trunc_box(
           _matio.to_floats(_matio.field(q, "idlocate")), path, f"query {k}")))
       gallery = _matio.unwrap(_matio.field(item, "Gallery"))
-      names = gallery["imname"].reshape(-1, order="F")
-      locs = gallery["idlocate"].reshape(-1, order="F")
+      if isinstance(gallery, np.ndarray) and gallery.dtype.names is not None:
+        names = gallery["imname"].reshape(-1, order="F")  # Column access.
+        locs = gallery["idlocate"].reshape(-1, order="F")
+      else:  # One record, or a cell array of structs.
+        rows = _matio.records(gallery)
+        names = [_matio.field(r, "imname") for r in rows]
+        locs = [_matio.field(r, "idlocate") for r in rows]
       entries = []
       for name, loc in zip(names, locs):
         loc = _matio.to_floats(loc)
@@ -216,7 +228,10 @@ def _read_protocol(path: str, size: int):
 
 
 def _protocol_entries(galleries) -> list[list[GalleryEntry]]:
-  return [[(n, None if b is None else _to_xyxy(b[None])[0]) for n, b in g]
+  """Per-query [(name, int xywh or None)] -> [(name, float32 xyxy or None)]."""
+  present = [b for g in galleries for _, b in g if b is not None]
+  xyxy = iter(_to_xyxy(np.stack(present)) if present else ())
+  return [[(n, None if b is None else next(xyxy)) for n, b in g]
           for g in galleries]
 
 
@@ -367,7 +382,7 @@ def load(root: str, *, name: str = "cuhk_sysu", check_counts: bool = True,
     s, e = boxes.starts[i], boxes.starts[i + 1]
     return ImageAnnotation(
         name=image_name, path=os.path.join(image_dir, image_name),
-        boxes=_to_xyxy(boxes.xywh[s:e]), pids=pids[s:e].astype(np.int32))
+        boxes=boxes.xyxy[s:e], pids=pids[s:e].astype(np.int32))
 
   train = [annotation(n) for n in train_names]
   gallery = [annotation(n) for n in pool if n in boxes.index]

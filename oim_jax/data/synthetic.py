@@ -198,7 +198,8 @@ def _sample_identities(rng, count: int, taken: set) -> list[Appearance]:
 
 def _limb(draw, start, angle, length, width, label):
   """Draws a segment from start at angle (rad from straight down)."""
-  end = (start[0] + length * math.sin(angle), start[1] + length * math.cos(angle))
+  end = (start[0] + length * math.sin(angle),
+         start[1] + length * math.cos(angle))
   draw.line([start, end], fill=label, width=max(1, int(round(width))))
   r = width / 2
   draw.ellipse([end[0] - r, end[1] - r, end[0] + r, end[1] + r], fill=label)
@@ -544,14 +545,16 @@ def _clutter(rng, kind: str, x: float, base: float, ph: float):
     body, glass = _random_colour(rng), (70, 90, 110)
 
     def draw(d):
-      d.rounded_rectangle([x - w / 2, base - h * 0.7, x + w / 2, base - h * 0.15],
-                          radius=h * 0.12, fill=body)
+      d.rounded_rectangle(
+          [x - w / 2, base - h * 0.7, x + w / 2, base - h * 0.15],
+          radius=h * 0.12, fill=body)
       d.polygon([(x - w * 0.3, base - h * 0.7), (x - w * 0.18, base - h),
                  (x + w * 0.2, base - h), (x + w * 0.32, base - h * 0.7)],
                 fill=body)
-      d.polygon([(x - w * 0.24, base - h * 0.72), (x - w * 0.15, base - h * 0.94),
-                 (x + w * 0.17, base - h * 0.94), (x + w * 0.26, base - h * 0.72)],
-                fill=glass)
+      d.polygon([(x - w * 0.24, base - h * 0.72),
+                 (x - w * 0.15, base - h * 0.94),
+                 (x + w * 0.17, base - h * 0.94),
+                 (x + w * 0.26, base - h * 0.72)], fill=glass)
       for wx in (x - w * 0.3, x + w * 0.3):
         d.ellipse([wx - h * 0.17, base - h * 0.34, wx + h * 0.17, base],
                   fill=(20, 20, 20))
@@ -662,7 +665,8 @@ def render_scene(config: SyntheticConfig, cam: _Camera,
     if is_person:
       _, box, rgb, alpha, _ = placed[i]
       patch = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
-      mask = Image.fromarray(np.clip(alpha * 255 + 0.5, 0, 255).astype(np.uint8))
+      mask = Image.fromarray(
+          np.clip(alpha * 255 + 0.5, 0, 255).astype(np.uint8))
       canvas.paste(patch, (int(box[0]), int(box[1])), mask)
     else:
       objects[i][2](d)
@@ -692,7 +696,8 @@ def render_scene(config: SyntheticConfig, cam: _Camera,
     ishard.append(int(cover.mean() >= 1 / 3))
   order = np.argsort(index, kind="stable")
   return (image, np.asarray(boxes, np.int64).reshape(-1, 4)[order],
-          np.asarray(index, np.int64)[order], np.asarray(ishard, np.int64)[order])
+          np.asarray(index, np.int64)[order],
+          np.asarray(ishard, np.int64)[order])
 
 
 # ------------------------------------------------------------- assignment ---
@@ -1017,7 +1022,11 @@ def save_preview(root: str, records: Sequence[SceneRecord], path: str,
     chosen += picks
   rows = math.ceil(len(chosen) / columns)
   th, tw = tile_hw
-  grid = Image.new("RGB", (columns * tw, rows * th), (255, 255, 255))
+  grid = Image.new("RGB", (columns * tw, rows * th + 16), (255, 255, 255))
+  ImageDraw.Draw(grid).text(
+      (5, rows * th + 2), "green: labeled person (t# = train identity, q# = "
+      "test identity / query number); orange: unlabeled person",
+      fill=(0, 0, 0))
   for k, r in enumerate(chosen):
     im = Image.open(os.path.join(root, "Image", "SSM", r.name)).convert("RGB")
     d = ImageDraw.Draw(im)
@@ -1037,7 +1046,7 @@ def save_preview(root: str, records: Sequence[SceneRecord], path: str,
         (ox, oy - 14), f"{r.split} {r.name}  camera {r.camera}  "
         f"{r.width}x{r.height}", fill=(0, 0, 0))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  grid.save(path)
+  grid.quantize(256).save(path, optimize=True)  # 256 colours: ~3x smaller
 
 
 # -------------------------------------------------------------------- CLI ---

@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
+import operator
 import os
 from typing import Mapping, Optional, Sequence
 
@@ -257,33 +259,36 @@ def _sparse_galleries(dataset, gallery_size, queries, names, index):
   """CUHK-SYSU fixed-size protocols: the TestG lists via gallery_for."""
   lists, offsets = [], [0]
   pair_q, pair_img, pair_box, count_gt = [], [], [], []
+  get_name, get_box = operator.itemgetter(0), operator.itemgetter(1)
   for j, q in enumerate(queries):
     entries = dataset.gallery_for(q, gallery_size)
-    ids = []
-    for n, _ in entries:
-      i = index.get(n)
-      if i is None:  # Listed but not a gallery image: give it a slot.
-        i = index[n] = len(names)
-        names.append(n)
-      ids.append(i)
-    ids = np.asarray(ids, np.int64)
+    n = len(entries)
+    # C-level iteration: TestG4000 has 11.6M entries.
+    try:
+      ids = np.fromiter(map(index.__getitem__, map(get_name, entries)),
+                        np.int64, n)
+    except KeyError:  # Listed but not a gallery image: give it a slot.
+      for name in map(get_name, entries):
+        if name not in index:
+          index[name] = len(names)
+          names.append(name)
+      ids = np.fromiter(map(index.__getitem__, map(get_name, entries)),
+                        np.int64, n)
+    has_box = np.fromiter(
+        map(operator.is_not, map(get_box, entries), itertools.repeat(None)),
+        bool, n)
     # First listing of each image wins (published: `if name in name2sim`).
     _, first = np.unique(ids, return_index=True)
     first = np.sort(first)
     lists.append(ids[first])
     offsets.append(offsets[-1] + first.size)
-    is_first = np.zeros(len(entries), bool)
+    is_first = np.zeros(n, bool)
     is_first[first] = True
-    ngt = 0
-    for k, (_, box) in enumerate(entries):
-      if box is None:
-        continue
-      ngt += 1
-      if is_first[k]:
-        pair_q.append(j)
-        pair_img.append(ids[k])
-        pair_box.append(box)
-    count_gt.append(ngt)
+    count_gt.append(int(has_box.sum()))
+    for k in np.flatnonzero(has_box & is_first):
+      pair_q.append(j)
+      pair_img.append(ids[k])
+      pair_box.append(entries[k][1])
   return _Galleries(
       sparse=True, lists=np.concatenate(lists) if lists else np.zeros(0, int),
       offsets=np.asarray(offsets, np.int64), own=np.full(len(queries), -1),
@@ -301,26 +306,21 @@ def _dense_galleries(dataset, queries, names, index, ignore_cam_id):
   pair_q, pair_img, pair_box, count_gt = [], [], [], []
   cams = image_cam = None
   if dataset.protocols:
-    # gallery_for(-1): positives of the largest protocol, then the rest.
-    largest = dataset.protocols[max(dataset.protocols)]
+    # gallery_for(-1): the positives of the smallest protocol (each image
+    # once, with its last listed box), then every other image.
+    smallest = dataset.protocols[min(dataset.protocols)]
     for j, q in enumerate(queries):
-      seen, ngt = set(), 0
-      for n, box in largest[q]:
-        if box is None:
-          continue
-        ngt += 1
-        if n in seen:
-          continue
-        seen.add(n)
+      positives = {n: b for n, b in smallest[q] if b is not None}
+      for n, box in positives.items():
         i = index.get(n)
         if i is None:
           raise ValueError(
               f"{dataset.name}: query {q}'s positive {n!r} of TestG"
-              f"{max(dataset.protocols)} is not a gallery image.")
+              f"{min(dataset.protocols)} is not a gallery image.")
         pair_q.append(j)
         pair_img.append(i)
         pair_box.append(box)
-      count_gt.append(ngt)
+      count_gt.append(len(positives))
   else:
     # PRW: the images holding the query pid (first such box of each image).
     by_pid: dict[int, list] = {}

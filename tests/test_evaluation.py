@@ -551,3 +551,17 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="ignore_cam_id"):
     evaluation.evaluate_search(ds, dets, qemb, gallery_size=4,
                                ignore_cam_id=False)
+
+
+def test_detection_iou_is_rounded_to_float32_as_published():
+  # IoU = (1 + 2^-23)(1 - 2^-23) / 2 = 0.5 - 2^-47: below 0.5 in float64,
+  # exactly 0.5 once stored in the published float32 IoU matrix -> a match.
+  eps = 2.0**-23
+  ds = SearchDataset("cuhk_sysu", "/x", [], [_ann("A", [[0, 0, 2, 1]], [0])],
+                     [], 0)
+  box = np.asarray([[0, 0, 1 + eps, 1 - eps]], np.float32)
+  assert ref_iou(box[0], [0, 0, 2, 1]) < 0.5
+  dets = {"A": (box, np.asarray([0.9], np.float32), np.zeros((1, 2)))}
+  out = evaluation.evaluate_detection(ds, dets)
+  assert out == {"ap": 1.0, "recall": 1.0}
+  assert ref_detection(ds, dets) == pytest.approx(out)

@@ -1,0 +1,36 @@
+"""Evaluates a trained checkpoint with the dataset's standard protocol.
+
+  python eval.py --config=configs/cuhk.py --workdir=runs/cuhk
+  python eval.py --config=configs/cuhk.py --workdir=runs/cuhk \
+      --config.eval.gallery_size=-1 --checkpoint_step=20000
+  python eval.py ... --from_saved   # re-score saved detections, no model run
+"""
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+
+from oim_jax import eval_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
+flags.DEFINE_integer("checkpoint_step", None,
+                     "Checkpoint step to evaluate (default: the latest).")
+flags.DEFINE_bool("from_saved", False,
+                  "Re-evaluate from DIR/eval/ raw outputs, without the model.")
+config_flags.DEFINE_config_file(
+    "config", None, "Configuration file.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  eval_lib.evaluate(FLAGS.config, FLAGS.workdir, step=FLAGS.checkpoint_step,
+                    from_saved=FLAGS.from_saved)
+
+
+if __name__ == "__main__":
+  jax.config.config_with_absl()
+  app.run(main)

@@ -1,0 +1,33 @@
+"""Dataset selection from `config.data`: the one place names map to loaders."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from oim_jax.data.dataset import SearchDataset
+
+DATASETS = ("synthetic", "cuhk_sysu", "prw")
+
+
+def load_dataset(data_config: ml_collections.ConfigDict) -> SearchDataset:
+  """Loads `data_config.dataset` from `data_config.root`.
+
+  The synthetic dataset is generated into its root first if absent (written
+  in the CUHK-SYSU on-disk format and read by the CUHK-SYSU loader).
+  """
+  name = data_config.dataset
+  root = os.path.expanduser(data_config.root)
+  if name == "synthetic":
+    from oim_jax.data import cuhk_sysu, synthetic  # pylint: disable=g-import-not-at-top
+    synthetic.ensure_synthetic(root, **dict(data_config.synthetic))
+    return cuhk_sysu.load(root, name="synthetic", check_counts=False)
+  if name == "cuhk_sysu":
+    from oim_jax.data import cuhk_sysu  # pylint: disable=g-import-not-at-top
+    return cuhk_sysu.load(root)
+  if name == "prw":
+    from oim_jax.data import prw  # pylint: disable=g-import-not-at-top
+    return prw.load(root)
+  raise ValueError(f"config.data.dataset must be one of {DATASETS}, got "
+                   f"{name!r}.")

@@ -1,0 +1,147 @@
+"""Evaluation: restore parameters, detect + embed the gallery, embed queries,
+score with the dataset's standard protocol.
+
+Raw outputs are saved under DIR/eval/ (detections and embeddings keyed by
+image name, query embeddings in protocol order) so that re-scoring, e.g.
+with another gallery size, needs no model run (`from_saved=True`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from oim_jax import checkpointing
+from oim_jax import evaluation
+from oim_jax.data.dataset import SearchDataset
+
+RAW_FILE = "raw_outputs.npz"
+
+
+def restore_params(config: ml_collections.ConfigDict, workdir: str,
+                   step: Optional[int] = None) -> tuple[Any, int]:
+  """Restores the "params" item alone (works for any training device count)."""
+  from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
+  model = person_search.create_model(config)
+  abstract = jax.eval_shape(
+      lambda k: person_search.init_params(model, config, k, pretrained=False),
+      jax.random.key(0))
+  mgr = checkpointing.manager(workdir, read_only=True, async_saves=False)
+  step, items, _ = checkpointing.restore(mgr, {"params": abstract}, step)
+  return items["params"], step
+
+
+def run_inference(model, params, config: ml_collections.ConfigDict,
+                  dataset: SearchDataset):
+  """Detects + embeds every gallery image; embeds every query box.
+
+  Returns:
+    (detections {name: (boxes[n,4], scores[n], embeddings[n,D])} in original
+    image pixels, query_embeddings [num_queries, D]).
+  """
+  from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
+
+  detect = jax.jit(lambda p, im, sz: person_search.detect(
+      model, config, p, im, sz))
+  embed = jax.jit(lambda p, im, bx: person_search.embed_boxes(
+      model, config, p, im, bx))
+  batch_size = config.eval.batch_size
+  options = pipeline.PipelineOptions.from_config(config.data)
+
+  def batches(split):
+    it = pipeline.EvalIterator(pipeline.source_for(dataset, split),
+                               batch_size=batch_size, options=options)
+    return _progress(it, it.num_batches, split)
+
+  detections = {}
+  gallery = dataset.gallery
+  t0 = time.time()
+  for batch in batches("gallery"):
+    out = jax.device_get(detect(params, batch["image"], batch["image_size"]))
+    for i, idx in enumerate(batch["index"]):
+      if idx < 0:
+        continue
+      keep = out["valid"][i]
+      scale = batch["scale"][i]
+      detections[gallery[idx].name] = (
+          (out["boxes"][i][keep] / scale).astype(np.float32),
+          out["scores"][i][keep].astype(np.float32),
+          out["embeddings"][i][keep].astype(np.float32))
+  logging.info("gallery: %d images in %.1f s", len(gallery), time.time() - t0)
+
+  query_emb = [None] * len(dataset.queries)
+  for batch in batches("queries"):
+    emb = jax.device_get(embed(params, batch["image"], batch["boxes"][:, :1]))
+    for i, idx in enumerate(batch["index"]):
+      if idx >= 0:
+        query_emb[idx] = emb[i, 0]
+  return detections, np.stack(query_emb).astype(np.float32)
+
+
+def _progress(batches, total, what):
+  t0 = time.time()
+  for i, batch in enumerate(batches):
+    yield batch
+    if (i + 1) % 10 == 0 or i + 1 == total:
+      rate = (i + 1) * len(batch["index"]) / max(time.time() - t0, 1e-9)
+      logging.info("%s: batch %d/%d (%.1f images/s)", what, i + 1, total,
+                   rate)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             params: Any = None, dataset: Optional[SearchDataset] = None,
+             step: Optional[int] = None,
+             from_saved: bool = False) -> dict[str, Any]:
+  """Runs (or reloads) inference and scores it; writes DIR/eval/metrics.json."""
+  from oim_jax.data import datasets as data_lib  # pylint: disable=g-import-not-at-top
+  from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
+
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  raw_path = os.path.join(out_dir, RAW_FILE)
+  if dataset is None:
+    dataset = data_lib.load_dataset(config.data)
+  if from_saved:
+    if not os.path.exists(raw_path):
+      raise FileNotFoundError(
+          f"{raw_path} does not exist: run eval.py once without --from_saved "
+          "to compute the raw outputs.")
+    detections, query_emb = evaluation.load_results(raw_path)
+  else:
+    if params is None:
+      params, step = restore_params(config, workdir, step)
+    model = person_search.create_model(config)
+    detections, query_emb = run_inference(model, params, config, dataset)
+    evaluation.save_results(raw_path, detections, query_emb)
+
+  c = config.eval
+  metrics = dict(evaluation.evaluate_search(
+      dataset, detections, query_emb, gallery_size=c.gallery_size,
+      det_thresh=c.det_thresh, ignore_cam_id=c.ignore_cam_id))
+  det = evaluation.evaluate_detection(dataset, detections,
+                                      det_thresh=c.det_thresh)
+  metrics["det_ap"] = det["ap"]
+  metrics["det_recall"] = det["recall"]
+  labeled = evaluation.evaluate_detection(dataset, detections,
+                                          det_thresh=c.det_thresh,
+                                          labeled_only=True)
+  metrics["det_recall_labeled"] = labeled["recall"]
+  metrics = {k: float(v) for k, v in metrics.items()}
+  record = {"dataset": dataset.name, "gallery_size": c.gallery_size,
+            "step": step, **metrics}
+  if jax.process_index() == 0:
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+      json.dump(record, f, indent=2)
+    table = evaluation.format_table(metrics)
+    print(f"{dataset.name} (gallery size {c.gallery_size}, step {step}):\n"
+          f"{table}", flush=True)
+  return metrics

@@ -1,0 +1,444 @@
+"""Training: state, the data-parallel train step, and the training loop.
+
+The shape of the Flax ImageNet example: `create_train_state`, `train_step`,
+`train_and_evaluate(config, workdir)`. The train step is one pure function
+`(state, batch, rng) -> (state, metrics)`; the OIM lookup table and queue are
+part of `state` and are updated inside it, after the gradient step, with the
+embeddings of every device applied in the same global order.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Optional
+
+from absl import logging
+from clu import metrics as clu_metrics
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from oim_jax import checkpointing
+from oim_jax import oim
+from oim_jax import optim
+from oim_jax import parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jnp.ndarray  # [] int32, optimizer steps taken
+  params: Any
+  opt_state: Any
+  oim: oim.OIMState
+
+
+LOSS_NAMES = ("loss", "rpn_cls", "rpn_reg", "det_cls", "det_reg", "reid")
+
+
+# clu aggregation of the per-step scalars over a logging window.
+TrainMetrics = clu_metrics.Collection.create(
+    **{name: clu_metrics.Average.from_output(name)
+       for name in LOSS_NAMES + ("grad_norm",)})
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def create_train_state(params: Any, tx, config: ml_collections.ConfigDict,
+                       embedding_dim: int) -> TrainState:
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      opt_state=tx.init(params),
+      oim=oim.init_state(config.oim.num_labeled, config.oim.queue_size,
+                         embedding_dim))
+
+
+def train_step(state: TrainState, batch: dict[str, jnp.ndarray], rng,
+               *, loss_fn, tx, config: ml_collections.ConfigDict,
+               axis_name: Optional[str]):
+  """One optimizer step on this device's shard of the global batch.
+
+  Args:
+    state: replicated TrainState.
+    batch: this device's part of the global batch (interfaces of the
+      pipeline), [B_local, ...].
+    rng: the step's key, identical on every device.
+    loss_fn: model.loss_fn(params, oim_state, batch, rng) -> (loss, aux).
+    tx: the optax optimizer.
+    config: full config (static).
+    axis_name: the data-parallel axis, or None on a single device without
+      collectives.
+
+  Returns:
+    (new state, metrics dict of replicated scalars).
+  """
+  if axis_name is not None:
+    # Different RoI/anchor sampling on every device, same across reruns.
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, state.oim, batch, rng)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+  c = config.oim
+  if axis_name is not None:
+    new_oim = oim.update_state_across(
+        state.oim, aux["embeddings"], aux["pids"], momentum=c.momentum,
+        normalize=c.normalize, axis_name=axis_name)
+  else:
+    new_oim = oim.update_state(state.oim, aux["embeddings"], aux["pids"],
+                               momentum=c.momentum, normalize=c.normalize)
+  values = dict(aux["losses"])
+  values["loss"] = loss
+  values = {k: jnp.asarray(values.get(k, 0.0), jnp.float32)
+            for k in LOSS_NAMES}
+  values["grad_norm"] = _global_norm(grads)
+  if axis_name is not None:
+    values = jax.lax.pmean(values, axis_name)
+  new_state = state.replace(step=state.step + 1, params=params,
+                            opt_state=opt_state, oim=new_oim)
+  return new_state, values
+
+
+def _global_norm(tree):
+  leaves = jax.tree.leaves(tree)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in leaves))
+
+
+# --------------------------------------------------------------------------
+# The training loop.
+
+
+class _Preemption:
+  """Turns SIGTERM (Cloud TPU preemption, `kill`) into a flag the loop reads."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class _History:
+  """Appends metric rows to DIR/history.jsonl (for curves and resumes)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "history.jsonl")
+
+  def append(self, row: dict[str, Any]):
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+  def read(self) -> list[dict[str, Any]]:
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def truncate_after(self, step: int):
+    """Drops rows logged after `step` (they belong to a run that crashed)."""
+    rows = [r for r in self.read() if r.get("step", 0) <= step]
+    with open(self.path, "w") as f:
+      for r in rows:
+        f.write(json.dumps(r) + "\n")
+
+
+def _fmt_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _count_compilations():
+  """A counter of XLA compilations, read through jax.monitoring events."""
+  counter = {"n": 0}
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      counter["n"] += 1
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  return counter
+
+
+def _check_config(config: ml_collections.ConfigDict):
+  """Fails fast (before any compilation) on settings that cannot work."""
+  if config.parallelism not in ("shard_map", "pmap"):
+    raise ValueError("config.parallelism must be 'shard_map' or 'pmap', got "
+                     f"{config.parallelism!r}")
+  if config.oim.loss not in ("oim", "softmax"):
+    raise ValueError(f"config.oim.loss must be 'oim' or 'softmax', got "
+                     f"{config.oim.loss!r}")
+  n = jax.device_count()
+  if config.train.batch_size % n:
+    raise ValueError(
+        f"config.train.batch_size={config.train.batch_size} must be a "
+        f"multiple of the number of devices ({n}); see the README's "
+        "linear-scaling rule for the learning rate.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains (resuming from the latest checkpoint) and evaluates at the end.
+
+  Returns:
+    the final metrics dict (training losses of the last logging window, and
+    the evaluation metrics when `config.eval.at_end`).
+  """
+  from oim_jax.data import datasets as data_lib  # pylint: disable=g-import-not-at-top
+  from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
+
+  _check_config(config)
+  if config.get("distributed", False):
+    jax.distributed.initialize()
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  dataset = data_lib.load_dataset(config.data)
+  num_labeled = dataset.num_train_ids
+  if config.oim.num_labeled != num_labeled:
+    raise ValueError(
+        f"config.oim.num_labeled={config.oim.num_labeled} but the "
+        f"{dataset.name} train split at {dataset.root} has {num_labeled} "
+        "labeled identities: set --config.oim.num_labeled="
+        f"{num_labeled}.")
+
+  mesh = parallel.make_mesh()
+  mode = config.parallelism
+  loader = pipeline.TrainIterator(
+      pipeline.source_for(dataset, "train"),
+      batch_size=config.train.batch_size, seed=config.seed,
+      options=pipeline.PipelineOptions.from_config(config.data))
+  steps_per_epoch = loader.steps_per_epoch
+  total_steps = (config.train.num_steps if config.train.num_steps > 0
+                 else config.train.epochs * steps_per_epoch)
+
+  model = person_search.create_model(config)
+  init_rng, base_rng = jax.random.split(jax.random.key(config.seed))
+  params = person_search.init_params(model, config, init_rng)
+  trainable = person_search.trainable_mask(params, config)
+  tx, schedule = optim.create_optimizer(config.train, steps_per_epoch,
+                                        trainable)
+  state = create_train_state(params, tx, config,
+                             config.model.embedding_dim)
+
+  ckpt = checkpointing.manager(workdir, config.train.keep_checkpoints,
+                               async_saves=config.train.async_checkpoints)
+  history = _History(workdir)
+  start_step = 0
+  if ckpt.latest_step() is not None:
+    start_step, items, meta = checkpointing.restore(
+        ckpt, {"params": state.params, "opt_state": state.opt_state,
+               "oim": state.oim})
+    state = TrainState(step=jnp.asarray(start_step, jnp.int32), **items)
+    loader.set_state(meta["pipeline"])
+    history.truncate_after(start_step)
+    logging.info("Resumed from step %d (%s).", start_step, ckpt.directory)
+  host_state = state
+  state = parallel.put_replicated(state, mesh, mode)
+  del host_state
+
+  step_traces = {"n": 0}
+  loss_fn = functools.partial(person_search.loss_fn, model, config)
+
+  def per_device(st, batch, rng):
+    step_traces["n"] += 1
+    return train_step(st, batch, rng, loss_fn=loss_fn, tx=tx, config=config,
+                      axis_name=parallel.AXIS)
+
+  p_step = parallel.data_parallel(per_device, mode, mesh)
+  writer = _summary_writer(workdir)
+  compiles = _count_compilations()
+
+  log_every = max(1, config.train.log_every)
+  ckpt_every = config.train.checkpoint_every
+  window, window_start, pending = [], time.time(), None
+  t_first = None
+  last = {}
+  batch_images = config.train.batch_size
+
+  def flush(step_done: int, metrics_list):
+    nonlocal window_start, last
+    if not metrics_list:
+      return
+    acc = TrainMetrics.empty()
+    for m in metrics_list:
+      acc = acc.merge(TrainMetrics.single_from_model_output(**m))
+    means = {k: float(v) for k, v in acc.compute().items()}
+    elapsed = time.time() - window_start
+    window_start = time.time()
+    sec_per_step = elapsed / len(metrics_list)
+    means.update(lr=float(schedule(step_done - 1)),
+                 sec_per_step=sec_per_step,
+                 images_per_sec=batch_images / max(sec_per_step, 1e-9),
+                 step_compilations=step_traces["n"],
+                 compilations=compiles["n"])
+    eta = sec_per_step * (total_steps - step_done)
+    if jax.process_index() == 0:
+      logging.info(
+          "step %d/%d (epoch %.2f) loss %.4f [rpn %.3f/%.3f det %.3f/%.3f "
+          "reid %.3f] lr %.2e %.2f s/step %.1f img/s ETA %s compiles %d",
+          step_done, total_steps, step_done / steps_per_epoch, means["loss"],
+          means["rpn_cls"], means["rpn_reg"], means["det_cls"],
+          means["det_reg"], means["reid"], means["lr"], sec_per_step,
+          means["images_per_sec"], _fmt_eta(eta), step_traces["n"])
+      for k, v in means.items():
+        writer.add_scalar(f"train/{k}", v, step_done)
+      writer.flush()
+      history.append({"step": step_done, **means})
+    last = means
+
+  def check_finite(step_done: int, m: dict[str, float]):
+    if not all(math.isfinite(v) for v in m.values()):
+      raise NonFiniteLossError(
+          f"Non-finite training loss at step {step_done}: {m}. Training "
+          "stopped; no checkpoint of this state was written. Lower "
+          "config.train.lr, check the data, or resume from the last "
+          f"checkpoint in {ckpt.directory}.")
+
+  def save(step_done: int, force: bool = False):
+    meta = {"step": step_done, "seed": config.seed,
+            "pipeline": loader.get_state()}
+    checkpointing.save(ckpt, step_done, {
+        "params": parallel.unreplicate(state.params, mode),
+        "opt_state": parallel.unreplicate(state.opt_state, mode),
+        "oim": parallel.unreplicate(state.oim, mode)}, meta, force=force)
+
+  step = start_step
+  with _Preemption() as preempt:
+    try:
+      while step < total_steps:
+        batch = next(loader)
+        rng = jax.random.fold_in(base_rng, step)
+        state, metrics = p_step(state, parallel.put_batch(batch, mesh, mode),
+                                rng)
+        step += 1
+        # Read the previous step's metrics while this one runs: keeps the
+        # device busy and still stops within one step of a NaN.
+        if pending is not None:
+          m = _to_floats(pending[1], mode)
+          check_finite(pending[0], m)
+          window.append(m)
+          if pending[0] % log_every == 0:
+            flush(pending[0], window)
+            window = []
+        if t_first is None:
+          t_first = time.time()
+        pending = (step, metrics)
+        save_now = (ckpt_every > 0 and step % ckpt_every == 0) or preempt.requested
+        if save_now or step == total_steps:
+          m = _to_floats(pending[1], mode)
+          check_finite(step, m)
+          window.append(m)
+          flush(step, window)
+          window, pending = [], None
+          save(step, force=True)
+        if preempt.requested:
+          logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.",
+                          step)
+          ckpt.wait_until_finished()
+          writer.close()
+          return {"preempted": True, "step": step}
+    finally:
+      ckpt.wait_until_finished()
+      loader.close()
+  writer.close()
+
+  result = dict(last)
+  if config.eval.at_end:
+    from oim_jax import eval_lib  # pylint: disable=g-import-not-at-top
+    params = parallel.unreplicate(state.params, mode)
+    eval_metrics = eval_lib.evaluate(config, workdir, params=params,
+                                     dataset=dataset, step=step)
+    result.update(eval_metrics)
+    if jax.process_index() == 0:
+      history.append({"step": step, **{f"eval_{k}": v
+                                       for k, v in eval_metrics.items()
+                                       if isinstance(v, (int, float))}})
+  if jax.process_index() == 0:
+    plot_curves(history.read(), os.path.join(workdir, "curves.png"))
+  return result
+
+
+def _to_floats(metrics, mode) -> dict[str, float]:
+  metrics = jax.device_get(parallel.unreplicate(metrics, mode))
+  return {k: float(v) for k, v in metrics.items()}
+
+
+def _summary_writer(workdir: str):
+  if jax.process_index() != 0:
+    return _NullWriter()
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+class _NullWriter:
+
+  def add_scalar(self, *a, **k):
+    pass
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def plot_curves(rows: list[dict[str, Any]], path: str):
+  """Loss terms and evaluation metrics over steps, as one PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  train = [r for r in rows if "loss" in r]
+  evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for name in LOSS_NAMES:
+    xs = [r["step"] for r in train if name in r]
+    if xs:
+      axes[0].plot(xs, [r[name] for r in train if name in r], label=name)
+  axes[0].set_xlabel("step")
+  axes[0].set_ylabel("loss")
+  axes[0].set_yscale("log")
+  axes[0].legend(fontsize=8)
+  axes[0].set_title("training losses")
+  for name in ("eval_mAP", "eval_top1", "eval_det_recall"):
+    xs = [r["step"] for r in evals if name in r]
+    if xs:
+      axes[1].plot(xs, [100 * r[name] for r in evals if name in r], "o-",
+                   label=name[5:])
+  axes[1].set_xlabel("step")
+  axes[1].set_ylabel("%")
+  axes[1].set_title("evaluation")
+  axes[1].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

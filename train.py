@@ -1,0 +1,35 @@
+"""Trains a person-search network (and evaluates it at the end).
+
+  python train.py --config=configs/synthetic.py --workdir=runs/demo
+  python train.py --config=configs/cuhk.py --workdir=runs/cuhk \
+      --config.data.root=/data/cuhk_sysu --config.train.batch_size=4
+
+Rerunning the same command resumes from the latest checkpoint in workdir.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from oim_jax import train_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+config_flags.DEFINE_config_file(
+    "config", None, "Training configuration file.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  jax.config.config_with_absl()
+  app.run(main)

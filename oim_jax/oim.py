@@ -7,7 +7,8 @@ unlabeled person, `-2` ignore (background RoI, padding).
 
 * Loss: logits `scalar * x @ [lut; queue].T` ([K, L+Q]); softmax cross-entropy
   over the L+Q classes, averaged over the labeled entries only. The tables are
-  not parameters: the gradient flows to `x` only.
+  not parameters: the gradient flows to `x` only. `chunk_size` streams over
+  the tables instead of materialising the [K, L+Q] logits (for huge L+Q).
 * Update (after the loss), in entry order, one entry at a time: labeled
   `lut[pid] = m * lut[pid] + (1 - m) * x`, then re-normalised to unit length
   (`normalize=False` skips this, as in the original Caffe code); unlabeled
@@ -54,7 +55,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-LABELED_MIN = 0  # pid >= 0: labeled identity
+# Labels: pid >= 0 labeled identity (LUT row).
 UNLABELED = -1
 IGNORE = -2
 
@@ -278,7 +279,7 @@ def _update_lut_rounds(lut, x, pids, labeled, momentum, normalize):
     new = momentum * rows + (1.0 - momentum) * x
     if normalize:
       new = _normalize_rows(new)
-    return r + 1, lut.at[idx].set(new, mode="drop", unique_indices=False)
+    return r + 1, lut.at[idx].set(new, mode="drop")
 
   _, lut = jax.lax.while_loop(lambda c: c[0] < rounds, body,
                               (jnp.int32(0), lut))

@@ -81,7 +81,7 @@ def _case(seed=0):
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _ra(feat, boxes, idx, aligned, method):
   return ops.roi_align(feat, boxes, idx, _OUT, _SCALE, _RATIO, aligned,
-                       method=method, einsum_chunk=4)
+                       method=method, chunk=4)
 
 
 @pytest.mark.parametrize("aligned", [False, True])

@@ -11,8 +11,9 @@ Follows torchvision's CPU kernel (``roi_align_kernel.cpp``) exactly:
 The bilinear weights and the "outside" test both factor into a y part and an
 x part, which is what both formulations below use:
 
-  * ``"gather"``: per (sample, corner) a row gather from the flattened map,
-    summed: memory O(K * out_h * out_w * C), gradient = scatter-add.
+  * ``"gather"``: per (sample, corner) a gather of C-vectors from the
+    flattened map, weighted and summed, over chunks of RoIs: memory
+    O(K * out_h * out_w * C); gradient = scatter-adds.
   * ``"einsum"``: the interpolation weights as dense matrices Wy[K, out_h, H]
     and Wx[K, out_w, W] contracted with the map (two matmuls, no gathers),
     computed over chunks of RoIs to bound the [chunk, out, H or W, C]
@@ -35,7 +36,9 @@ from jax import lax
 # matmuls over gathers (not measured here).
 DEFAULT_METHOD = {"cpu": "gather", "gpu": "gather", "cuda": "gather",
                   "rocm": "gather", "tpu": "einsum"}
-EINSUM_CHUNK = 64  # RoIs per einsum chunk (bounds the intermediate).
+# RoIs per chunk (lax.map): bounds the einsum intermediate [chunk, out, H, C]
+# and the gather backward's scatter updates [4 r^2 chunk, out_h, out_w, C].
+CHUNK = 64
 
 
 def _axis_samples(start, bin_size, out: int, ratio: int, size: int):
@@ -84,23 +87,52 @@ def _roi_geometry(boxes, spatial_scale, out_hw, aligned):
   return x1, y1, roi_h / out_hw[0], roi_w / out_hw[1]
 
 
-def _roi_align_gather(features, box_indices, ys, xs, ratio):
+def _gather_chunk(features, box_indices, ys, xs, ratio):
+  """One row gather per (sample, corner) from the flattened map, summed."""
   n, h, w, c = features.shape
-  ylo, yhi, wylo, wyhi = ys  # [K, oh, r]
-  xlo, xhi, wxlo, wxhi = xs  # [K, ow, r]
+  ylo, yhi, wylo, wyhi = ys  # [k, oh, r]
+  xlo, xhi, wxlo, wxhi = xs  # [k, ow, r]
   flat = features.reshape(n * h * w, c)
-  base = box_indices.astype(jnp.int32)[:, None, None] * (h * w)
+  # Every index is in bounds by construction (clamped samples, clipped image
+  # index), which lets XLA skip per-element bounds handling.
+  img = jnp.clip(box_indices.astype(jnp.int32), 0, n - 1)
+  base = img[:, None, None] * (h * w)
   out = None
   for iy in range(ratio):
     for yi, wy in ((ylo[..., iy], wylo[..., iy]), (yhi[..., iy], wyhi[..., iy])):
       for ix in range(ratio):
         for xi, wx in ((xlo[..., ix], wxlo[..., ix]),
                        (xhi[..., ix], wxhi[..., ix])):
-          idx = base + yi[:, :, None] * w + xi[:, None, :]  # [K, oh, ow]
+          idx = base + yi[:, :, None] * w + xi[:, None, :]  # [k, oh, ow]
           wgt = wy[:, :, None] * wx[:, None, :]
-          term = jnp.take(flat, idx, axis=0) * wgt[..., None]
+          term = flat.at[idx].get(mode="promise_in_bounds") * wgt[..., None]
           out = term if out is None else out + term
   return out / jnp.float32(ratio * ratio)
+
+
+def _roi_align_gather(features, box_indices, ys, xs, ratio, chunk):
+  # Chunks of RoIs bound the memory, forward and backward (XLA merges the
+  # per-term scatter-adds into one with 4 * ratio^2 times the updates).
+  return _map_chunks(
+      lambda a: _gather_chunk(features, a[0], a[1], a[2], ratio),
+      (box_indices, ys, xs), chunk)
+
+
+def _map_chunks(fn, args, chunk):
+  """lax.map of ``fn`` over chunks of the leading (RoI) axis of ``args``."""
+  k = jax.tree.leaves(args)[0].shape[0]
+  chunk = max(1, min(int(chunk), k))
+  if chunk == k:
+    return fn(args)
+  pad = -k % chunk
+  steps = (k + pad) // chunk
+
+  def split(a):
+    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+    return a.reshape((steps, chunk) + a.shape[1:])
+
+  out = lax.map(fn, jax.tree.map(split, args))
+  return out.reshape((k + pad,) + out.shape[2:])[:k]
 
 
 def _axis_matrix(low, high, w_low, w_high, size, ratio):
@@ -113,7 +145,6 @@ def _axis_matrix(low, high, w_low, w_high, size, ratio):
 
 def _roi_align_einsum(features, box_indices, ys, xs, ratio, chunk):
   n, h, w, c = features.shape
-  k = box_indices.shape[0]
   wy = _axis_matrix(*ys, h, ratio)  # [K, oh, H]
   wx = _axis_matrix(*xs, w, ratio)  # [K, ow, W]
   img = jax.nn.one_hot(box_indices, n, dtype=features.dtype)  # [K, N]
@@ -135,16 +166,7 @@ def _roi_align_einsum(features, box_indices, ys, xs, ratio, chunk):
     t = jnp.einsum("kih,kn,nhwc->kiwc", wy_c, img_c, features)
     return jnp.einsum("kjw,kiwc->kijc", wx_c, t)
 
-  chunk = max(1, min(int(chunk), k))
-  pad = -k % chunk
-  if pad:
-    wy = jnp.pad(wy, ((0, pad), (0, 0), (0, 0)))
-    wx = jnp.pad(wx, ((0, pad), (0, 0), (0, 0)))
-    img = jnp.pad(img, ((0, pad), (0, 0)))
-  steps = (k + pad) // chunk
-  split = lambda a: a.reshape((steps, chunk) + a.shape[1:])
-  out = lax.map(one_chunk, (split(wy), split(wx), split(img)))
-  return out.reshape((k + pad,) + out.shape[2:])[:k]
+  return _map_chunks(one_chunk, (wy, wx, img), chunk)
 
 
 def roi_align(features, boxes, box_indices,
@@ -153,20 +175,21 @@ def roi_align(features, boxes, box_indices,
               sampling_ratio: int = 2,
               aligned: bool = False,
               method: Optional[str] = None,
-              einsum_chunk: int = EINSUM_CHUNK):
+              chunk: int = CHUNK):
   """RoIAlign (average), = torchvision.ops.roi_align with NHWC layout.
 
   Args:
     features: ``[N, H, W, C]`` feature maps.
     boxes: ``[K, 4]`` (x1, y1, x2, y2) in image pixels (no gradient).
-    box_indices: ``int[K]``, image of each box in ``features`` (0..N-1).
+    box_indices: ``int[K]``, image of each box in ``features`` (0..N-1;
+      out-of-range values are clipped).
     output_size: static (out_h, out_w) or an int.
     spatial_scale: feature-map pixels per image pixel (1/16 for C4).
     sampling_ratio: static samples per bin along each axis; must be > 0.
     aligned: torchvision's ``aligned`` (half-pixel shift, no minimum size).
     method: "gather" or "einsum"; None picks ``DEFAULT_METHOD`` for the
       default backend. Both give the same numbers.
-    einsum_chunk: RoIs per chunk of the einsum method.
+    chunk: static number of RoIs processed at a time (memory bound).
 
   Returns:
     ``[K, out_h, out_w, C]`` in the dtype of ``features``.
@@ -201,7 +224,7 @@ def roi_align(features, boxes, box_indices,
   ys = _axis_samples(y1, bin_h, out_h, ratio, h)
   xs = _axis_samples(x1, bin_w, out_w, ratio, w)
   if method == "gather":
-    out = _roi_align_gather(features, box_indices, ys, xs, ratio)
+    out = _roi_align_gather(features, box_indices, ys, xs, ratio, chunk)
   else:
-    out = _roi_align_einsum(features, box_indices, ys, xs, ratio, einsum_chunk)
+    out = _roi_align_einsum(features, box_indices, ys, xs, ratio, chunk)
   return out.astype(features.dtype)

@@ -65,6 +65,9 @@ _BLOCK_BYTES = 64 << 20
 # Above this many true positives per query the per-TP counts come from sorted
 # rows instead of one comparison pass per true positive.
 _SORT_ABOVE_TPS = 8
+# Fixed-size galleries holding fewer detections than this fraction of all are
+# gathered into [Qc, L] rows; larger ones mask the [Qc, N] block instead.
+_GATHER_BELOW = 0.25
 TOPK = (1, 5, 10)
 
 
@@ -216,7 +219,8 @@ class _Galleries:
   `cams` set, but those with `image_cam == cams[j]`; order for ties:
   the positives of j first (CUHK-SYSU -1), then image order.
   Positives: `pair_q/pair_img/pair_box`, sorted by query and in gallery
-  order; count_gt [Q] counts positive listings.
+  order; count_gt [Q] counts positive listings; pair_entry (sparse) the
+  pair's position in `lists`.
   """
   sparse: bool
   lists: Optional[np.ndarray]
@@ -229,6 +233,7 @@ class _Galleries:
   pair_img: np.ndarray
   pair_box: np.ndarray
   count_gt: np.ndarray
+  pair_entry: Optional[np.ndarray] = None  # Sparse: index into `lists`.
 
   def ordered_images(self, j: int, num_images: int) -> np.ndarray:
     """Image indices of query j's gallery in list order (ties fallback)."""
@@ -255,40 +260,45 @@ def _image_index(dataset: SearchDataset):
   return names, index
 
 
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+
+
 def _sparse_galleries(dataset, gallery_size, queries, names, index):
   """CUHK-SYSU fixed-size protocols: the TestG lists via gallery_for."""
   lists, offsets = [], [0]
-  pair_q, pair_img, pair_box, count_gt = [], [], [], []
-  get_name, get_box = operator.itemgetter(0), operator.itemgetter(1)
+  pair_q, pair_img, pair_box, count_gt, pair_entry = [], [], [], [], []
   for j, q in enumerate(queries):
     entries = dataset.gallery_for(q, gallery_size)
     n = len(entries)
-    # C-level iteration: TestG4000 has 11.6M entries.
+    # C-level iteration throughout: TestG4000 has 11.6M entries.
+    entry_names = list(map(_FIRST, entries))
+    entry_boxes = list(map(_SECOND, entries))
     try:
-      ids = np.fromiter(map(index.__getitem__, map(get_name, entries)),
-                        np.int64, n)
+      ids = np.fromiter(map(index.__getitem__, entry_names), np.int64, n)
     except KeyError:  # Listed but not a gallery image: give it a slot.
-      for name in map(get_name, entries):
+      for name in entry_names:
         if name not in index:
           index[name] = len(names)
           names.append(name)
-      ids = np.fromiter(map(index.__getitem__, map(get_name, entries)),
-                        np.int64, n)
+      ids = np.fromiter(map(index.__getitem__, entry_names), np.int64, n)
     has_box = np.fromiter(
-        map(operator.is_not, map(get_box, entries), itertools.repeat(None)),
-        bool, n)
+        map(operator.is_not, entry_boxes, itertools.repeat(None)), bool, n)
     # First listing of each image wins (published: `if name in name2sim`).
-    _, first = np.unique(ids, return_index=True)
-    first = np.sort(first)
-    lists.append(ids[first])
-    offsets.append(offsets[-1] + first.size)
-    is_first = np.zeros(n, bool)
-    is_first[first] = True
+    if n and np.bincount(ids).max() > 1:
+      _, first = np.unique(ids, return_index=True)
+      is_first = np.zeros(n, bool)
+      is_first[first] = True
+    else:
+      is_first = np.ones(n, bool)
+    lists.append(ids[is_first])
+    offsets.append(offsets[-1] + int(is_first.sum()))
     count_gt.append(int(has_box.sum()))
+    entry = offsets[-2] + np.cumsum(is_first) - 1
     for k in np.flatnonzero(has_box & is_first):
       pair_q.append(j)
       pair_img.append(ids[k])
       pair_box.append(entries[k][1])
+      pair_entry.append(entry[k])
   return _Galleries(
       sparse=True, lists=np.concatenate(lists) if lists else np.zeros(0, int),
       offsets=np.asarray(offsets, np.int64), own=np.full(len(queries), -1),
@@ -296,7 +306,8 @@ def _sparse_galleries(dataset, gallery_size, queries, names, index):
       pair_q=np.asarray(pair_q, np.int64),
       pair_img=np.asarray(pair_img, np.int64),
       pair_box=np.asarray(pair_box, np.float64).reshape(-1, 4),
-      count_gt=np.asarray(count_gt, np.int64))
+      count_gt=np.asarray(count_gt, np.int64),
+      pair_entry=np.asarray(pair_entry, np.int64))
 
 
 def _dense_galleries(dataset, queries, names, index, ignore_cam_id):
@@ -364,44 +375,49 @@ def _expand_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
   return np.repeat(starts - offs, counts) + np.arange(total)
 
 
-def _true_positives(sims, q_local, pair_img, pair_box, dets):
-  """The one true positive of each (query, positive image) pair.
-
-  Args:
-    sims: [Qc, N] similarities of the chunk's queries to all detections.
-    q_local: [P] row of each pair in `sims`.
-    pair_img, pair_box: [P] image, [P, 4] GT box of the query person.
-    dets: the flattened detections.
-
-  Returns:
-    found [P] bool, det [P] detection index (valid where found). Among the
-    detections passing the IoU threshold, the most similar; on equal
-    similarity the later detection (published `argsort(sim)[::-1]`).
-  """
+def _pair_dets(pair_img, dets):
+  """Detections of each pair's image, padded: det [P, K], valid [P, K]."""
   count = dets.count[pair_img]
-  kmax = int(count.max()) if count.size else 0
-  if kmax == 0:
-    return np.zeros(len(pair_img), bool), np.zeros(len(pair_img), np.int64)
+  kmax = max(int(count.max()) if count.size else 0, 1)
   k = np.arange(kmax)
   valid = k[None, :] < count[:, None]
   det = np.where(valid, dets.start[pair_img][:, None] + k[None, :], 0)
-  s = sims[q_local[:, None], det]
+  return det, valid
+
+
+def _true_positives(pair_sims, det, valid, pair_box, dets):
+  """The one true positive of each (query, positive image) pair.
+
+  Args:
+    pair_sims: [P, K] similarity of the pair's query to the image's
+      detections (any value where not valid).
+    det, valid: [P, K] detection indices and mask (_pair_dets).
+    pair_box: [P, 4] GT box of the query person in the image.
+    dets: the flattened detections.
+
+  Returns:
+    found [P] bool, tp [P] detection index and score [P] (where found).
+    Among the detections passing the IoU threshold, the most similar; on
+    equal similarity the later detection (published `argsort(sim)[::-1]`).
+  """
+  kmax = det.shape[1]
   iou = _iou(dets.boxes[det], pair_box[:, None, :])
   ok = valid & (iou >= _small_box_thresh(pair_box)[:, None])
-  cand = np.where(ok, s, -np.inf)
+  cand = np.where(ok, pair_sims, -np.inf)
   best = cand.max(axis=1, initial=-np.inf)
   is_best = ok & (cand == best[:, None])
   last = kmax - 1 - np.argmax(is_best[:, ::-1], axis=1)
-  found = ok.any(axis=1)
-  return found, det[np.arange(len(det)), last]
+  rows = np.arange(det.shape[0])
+  return ok.any(axis=1), det[rows, last], pair_sims[rows, last]
 
 
 def _exact_first_tp_position(j, row, gal, dets, num_images, tp_det):
   """Rank of the first true positive in the published tie order (fallback).
 
   Builds the published y_score / y_true concatenation for query j from its
-  similarity row and sorts it as `np.argsort(y_score)[::-1]` with a stable
-  sort. Used only when the best true positive ties with other detections.
+  similarity row ([N], by detection index) and sorts it as
+  `np.argsort(y_score)[::-1]` with a stable sort. Used only when the best
+  true positive ties with other detections.
   """
   scores, labels = [], []
   lo, hi = np.searchsorted(gal.pair_q, [j, j + 1])
@@ -423,54 +439,33 @@ def _exact_first_tp_position(j, row, gal, dets, num_images, tp_det):
   return int(np.flatnonzero(labels[order])[0])
 
 
-def _search_chunk(qemb, dets, gal, rows, num_images):
-  """AP [Qc] and first-TP rank [Qc] (-1: none) of queries `rows`."""
-  qc = len(rows)
-  num_dets = dets.emb.shape[0]
-  sims = qemb[rows] @ dets.emb.T  # [Qc, N]
-  j0 = rows[0]
-  # True positives of the chunk's pairs (pairs are sorted by query).
-  lo, hi = np.searchsorted(gal.pair_q, [rows[0], rows[-1] + 1])
-  pq = gal.pair_q[lo:hi] - j0
-  found, tp = _true_positives(sims, pq, gal.pair_img[lo:hi],
-                              gal.pair_box[lo:hi], dets)
-  tp_q, tp_det = pq[found], tp[found]
-  tp_s = sims[tp_q, tp_det]
-  # Gallery rows: similarity of each gallery detection, -inf elsewhere.
-  if gal.sparse:
-    lists = [gal.lists[gal.offsets[j]:gal.offsets[j + 1]] for j in rows]
-    lens = np.asarray([int(dets.count[l].sum()) for l in lists], np.int64)
-    width = max(int(lens.max()), 1)
-    flat_img = np.concatenate(lists)
-    cols = _expand_ranges(dets.start[flat_img], dets.count[flat_img])
-    row_of = np.repeat(np.arange(qc), lens)
-    pos = np.arange(cols.size) - np.repeat(np.cumsum(lens) - lens, lens)
-    gallery = np.full((qc, width), -np.inf, sims.dtype)
-    gallery[row_of, pos] = sims[row_of, cols]
-  else:
-    gallery = sims
-    for r, j in enumerate(rows):
-      i = gal.own[j]
-      if i >= 0:
-        gallery[r, dets.start[i]:dets.start[i] + dets.count[i]] = -np.inf
-    if gal.cams is not None:
-      same = gal.image_cam[dets.image][None, :] == gal.cams[rows][:, None]
-      np.putmask(gallery, same, -np.inf)
-  # Per-query TP scores, padded [Qc, T] with +inf (counted by nobody).
+def _rank_counts(gallery, tp_q, tp_s, count_gt):
+  """AP and first-TP rank of a block of queries from their gallery rows.
+
+  Args:
+    gallery: [Qc, W] similarity of each query to its gallery detections,
+      -inf in the other columns.
+    tp_q, tp_s: [T] row and score of each true positive.
+    count_gt: [Qc] positives in each query's gallery.
+
+  Returns:
+    ap [Qc]; first [Qc], the number of gallery detections scoring above the
+    best TP (-1: no TP); tied [Qc] bool, rows whose best TP ties with another
+    detection (their rank needs the exact published tie order).
+  """
+  qc = gallery.shape[0]
   tcount = np.bincount(tp_q, minlength=qc)
   tmax = int(tcount.max()) if tp_q.size else 0
-  ap = np.zeros(qc)
-  first = np.full(qc, -1, np.int64)
   if tmax == 0:
-    return ap, first
+    return np.zeros(qc), np.full(qc, -1, np.int64), np.zeros(qc, bool)
+  # TP scores per row, padded with +inf (reached by no detection).
   slot = np.arange(tp_q.size) - np.repeat(np.cumsum(tcount) - tcount, tcount)
-  thr = np.full((qc, tmax), np.inf, sims.dtype)
+  thr = np.full((qc, tmax), np.inf, gallery.dtype)
   thr[tp_q, slot] = tp_s
-  # The best TP: highest score; on ties the later image (ranks first).
-  best = np.full(qc, -np.inf, sims.dtype)
+  best = np.full(qc, -np.inf, gallery.dtype)
   np.maximum.at(best, tp_q, tp_s)
-  best_slot = np.full(qc, -1, np.int64)
-  np.maximum.at(best_slot, tp_q, np.where(tp_s == best[tp_q], slot, -1))
+  best_slot = np.zeros(qc, np.int64)
+  np.maximum.at(best_slot, tp_q, np.where(tp_s == best[tp_q], slot, 0))
   has = tcount > 0
   # Gallery detections >= each TP score, and > the best TP score.
   if tmax > _SORT_ABOVE_TPS:
@@ -485,18 +480,102 @@ def _search_chunk(qemb, dets, gal, rows, num_images):
     n_ge = np.stack([(gallery >= thr[:, t:t + 1]).sum(axis=1)
                      for t in range(tmax)], axis=1)
     n_gt = (gallery > best[:, None]).sum(axis=1)
-  # AP: sum over TPs of precision at the TP's score, / count_gt.
+  # AP = sum over TPs of the precision at the TP's score / count_gt.
   valid = np.isfinite(thr)
   p_ge = ((thr[:, None, :] >= thr[:, :, None]) & valid[:, None, :]).sum(axis=2)
   prec = np.where(valid, p_ge / np.maximum(n_ge, 1), 0.0)
-  ngt = gal.count_gt[rows]
-  ap = np.where(ngt > 0, prec.sum(axis=1) / np.maximum(ngt, 1), 0.0)
-  # Rank of the first TP: exact unless the best TP ties with another det.
-  n_ge_best = n_ge[np.arange(qc), np.maximum(best_slot, 0)]
+  ap = np.where(count_gt > 0, prec.sum(axis=1) / np.maximum(count_gt, 1), 0.0)
   first = np.where(has, n_gt, -1)
-  for r in np.flatnonzero(has & (n_ge_best - n_gt > 1)):
+  tied = has & (n_ge[np.arange(qc), best_slot] - n_gt > 1)
+  return ap, first, tied
+
+
+def _search_block(qemb, dets, gal, rows, num_images):
+  """Queries `rows` against all detections at once: [Qc, N] block.
+
+  For the whole-set galleries (CUHK-SYSU -1, PRW) and large fixed lists.
+  """
+  qc = len(rows)
+  sims = qemb[rows] @ dets.emb.T  # [Qc, N]
+  lo, hi = np.searchsorted(gal.pair_q, [rows[0], rows[-1] + 1])
+  pq = gal.pair_q[lo:hi] - rows[0]
+  det, valid = _pair_dets(gal.pair_img[lo:hi], dets)
+  found, tp, tp_s = _true_positives(sims[pq[:, None], det], det, valid,
+                                    gal.pair_box[lo:hi], dets)
+  tp_q, tp_det, tp_s = pq[found], tp[found], tp_s[found]
+  if gal.sparse:  # Mask by list membership.
+    lists = [gal.lists[gal.offsets[j]:gal.offsets[j + 1]] for j in rows]
+    member = np.zeros((qc, num_images), bool)
+    member[np.repeat(np.arange(qc), [l.size for l in lists]),
+           np.concatenate(lists)] = True
+    np.putmask(sims, ~member[:, dets.image], -np.inf)
+  else:  # Everything but the query's own image (and same-camera images).
+    for r, j in enumerate(rows):
+      i = gal.own[j]
+      if i >= 0:
+        sims[r, dets.start[i]:dets.start[i] + dets.count[i]] = -np.inf
+    if gal.cams is not None:
+      same = gal.image_cam[dets.image][None, :] == gal.cams[rows][:, None]
+      np.putmask(sims, same, -np.inf)
+  ap, first, tied = _rank_counts(sims, tp_q, tp_s, gal.count_gt[rows])
+  for r in np.flatnonzero(tied):
     first[r] = _exact_first_tp_position(rows[r], sims[r], gal, dets,
                                         num_images, tp_det[tp_q == r])
+  return ap, first
+
+
+def _search_gathered(qemb, dets, gal, num_images):
+  """Fixed small lists (TestG100): only each query's gallery detections.
+
+  The similarities are computed image by image (the queries listing the
+  image x its detections), about G/num_images of the [Q, N] product, and
+  laid out per query in list order: flat[row_start[j] + ...].
+  """
+  nq = len(gal.offsets) - 1
+  e_q = np.repeat(np.arange(nq), np.diff(gal.offsets))  # (query, image)
+  e_img = gal.lists
+  e_cnt = dets.count[e_img]
+  e_flat = np.cumsum(e_cnt) - e_cnt
+  row_len = np.bincount(e_q, weights=e_cnt, minlength=nq).astype(np.int64)
+  row_start = np.cumsum(row_len) - row_len
+  flat = np.empty(int(row_len.sum()), qemb.dtype)
+  if flat.size == 0:  # No gallery holds a detection.
+    return np.zeros(nq), np.full(nq, -1, np.int64)
+  order = np.argsort(e_img, kind="stable")
+  cuts = np.flatnonzero(np.diff(e_img[order])) + 1
+  for group in np.split(order, cuts):
+    i = e_img[group[0]]
+    k = dets.count[i]
+    if k:
+      block = qemb[e_q[group]] @ dets.emb[dets.start[i]:dets.start[i] + k].T
+      flat[e_flat[group][:, None] + np.arange(k)] = block
+  # True positives, from the same numbers.
+  det, valid = _pair_dets(gal.pair_img, dets)
+  k = np.arange(det.shape[1])
+  at = np.where(valid, e_flat[gal.pair_entry][:, None] + k, 0)
+  found, tp, tp_s = _true_positives(flat[at], det, valid, gal.pair_box, dets)
+  tp_q, tp_det, tp_s = gal.pair_q[found], tp[found], tp_s[found]
+  ap = np.zeros(nq)
+  first = np.full(nq, -1, np.int64)
+  width = max(int(row_len.max(initial=0)), 1)
+  chunk = max(1, _BLOCK_BYTES // (width * qemb.dtype.itemsize))
+  for j0 in range(0, nq, chunk):
+    rows = np.arange(j0, min(nq, j0 + chunk))
+    col = np.arange(width)
+    inside = col[None, :] < row_len[rows][:, None]
+    gallery = np.where(inside, flat[np.where(
+        inside, row_start[rows][:, None] + col, 0)], -np.inf)
+    lo, hi = np.searchsorted(tp_q, [j0, rows[-1] + 1])
+    ap[rows], first[rows], tied = _rank_counts(
+        gallery, tp_q[lo:hi] - j0, tp_s[lo:hi], gal.count_gt[rows])
+    for r in np.flatnonzero(tied):
+      j = rows[r]
+      row = np.full(dets.emb.shape[0], -np.inf, qemb.dtype)
+      imgs = gal.lists[gal.offsets[j]:gal.offsets[j + 1]]
+      row[_expand_ranges(dets.start[imgs], dets.count[imgs])] = (
+          flat[row_start[j]:row_start[j] + row_len[j]])
+      first[j] = _exact_first_tp_position(j, row, gal, dets, num_images,
+                                          tp_det[tp_q == j])
   return ap, first
 
 
@@ -556,12 +635,17 @@ def evaluate_search(dataset: SearchDataset,
   num_q = queries.size
   ap = np.zeros(num_q)
   first = np.full(num_q, -1, np.int64)
-  if dets.emb.shape[0] and num_q:
-    width = dets.emb.shape[0] + 1
-    chunk = max(1, _BLOCK_BYTES // (width * dtype.itemsize))
-    for j0 in range(0, num_q, chunk):
-      rows = np.arange(j0, min(num_q, j0 + chunk))
-      ap[rows], first[rows] = _search_chunk(qemb, dets, gal, rows, len(names))
+  num_dets = dets.emb.shape[0]
+  if num_dets and num_q:
+    per_query = (dets.count[gal.lists].sum() / num_q) if gal.sparse else 0
+    if gal.sparse and per_query < _GATHER_BELOW * num_dets:
+      ap, first = _search_gathered(qemb, dets, gal, len(names))
+    else:
+      chunk = max(1, _BLOCK_BYTES // (num_dets * dtype.itemsize))
+      for j0 in range(0, num_q, chunk):
+        rows = np.arange(j0, min(num_q, j0 + chunk))
+        ap[rows], first[rows] = _search_block(qemb, dets, gal, rows,
+                                              len(names))
   out = {"mAP": float(ap.mean()) if num_q else 0.0}
   for k in TOPK:
     hit = (first >= 0) & (first < k)

@@ -462,10 +462,12 @@ def test_search_random_cuhk_matches_loop_reference(seed, quantized,
     got = evaluation.evaluate_search(ds, dets, qemb, gallery_size=size,
                                      return_per_query=True)
     _assert_same(got, ref, per_query)
-  # The sorted-row counting path and several query blocks.
+  # The sorted-row counting path, several query blocks, and both layouts
+  # of fixed-size galleries (gathered rows / masked block).
   monkeypatch.setattr(evaluation, "_SORT_ABOVE_TPS", 0)
   monkeypatch.setattr(evaluation, "_BLOCK_BYTES", 1)
-  for size in (5, -1):
+  for size, gather_below in ((5, 0.0), (12, 2.0), (-1, 0.0)):
+    monkeypatch.setattr(evaluation, "_GATHER_BELOW", gather_below)
     ref, per_query = ref_search(ds, dets, qemb, gallery_size=size)
     got = evaluation.evaluate_search(ds, dets, qemb, gallery_size=size,
                                      return_per_query=True)

@@ -87,3 +87,12 @@ def _abstract(tree):
     dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
     return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=cpu)
   return jax.tree.map(leaf, tree)
+
+
+def restore_raw(mgr: ocp.CheckpointManager, step: Optional[int] = None,
+                items: tuple[str, ...] = ARRAY_ITEMS) -> dict[str, Any]:
+  """Restores items as saved (nested dicts/lists of arrays), no template."""
+  step = mgr.latest_step() if step is None else step
+  args = {k: ocp.args.StandardRestore() for k in items}
+  restored = mgr.restore(step, args=ocp.args.Composite(**args))
+  return {k: restored[k] for k in items}

@@ -12,3 +12,53 @@ _CACHE = os.environ.get(
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+# A synthetic dataset small enough for end-to-end tests: half-size scenes,
+# 16 train scenes (8 identities), the 56 test scenes a 50-image gallery needs.
+TINY_SYNTHETIC = dict(
+    seed=0, num_train_ids=8, num_test_ids=10, num_train_scenes=16,
+    num_test_scenes=56, image_scale=0.5, min_person_height=24,
+    max_person_height=80, min_train_appearances=2, max_train_appearances=3,
+    min_test_appearances=2, max_test_appearances=3, max_persons=4,
+    gallery_sizes=(50,))
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic_root(tmp_path_factory):
+  from oim_jax.data import synthetic
+  root = str(tmp_path_factory.mktemp("synthetic") / "data")
+  return synthetic.ensure_synthetic(root, **TINY_SYNTHETIC)
+
+
+def tiny_train_config(root: str, **train):
+  """configs/synthetic.py shrunk for tests: tiny images, few steps."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "configs",
+                      "synthetic.py")
+  spec = importlib.util.spec_from_file_location("synthetic_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.data.root = root
+  c.data.synthetic = dict(TINY_SYNTHETIC)
+  c.data.min_size, c.data.max_size = 128, 192
+  c.data.num_workers = 0
+  c.oim.num_labeled = TINY_SYNTHETIC["num_train_ids"]
+  c.oim.queue_size = 16
+  c.model.rpn.pre_nms_top_n_train, c.model.rpn.post_nms_top_n_train = 200, 50
+  c.model.rpn.pre_nms_top_n_test, c.model.rpn.post_nms_top_n_test = 100, 30
+  c.model.roi.batch_size = 16
+  c.model.roi.detections_per_image = 8
+  c.model.embedding_dim = 16
+  c.train.batch_size = 2
+  c.train.num_steps = 4
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  c.train.async_checkpoints = False
+  c.eval.at_end = False
+  c.eval.batch_size = 4
+  c.update_from_flattened_dict({f"train.{k}": v for k, v in train.items()})
+  return c

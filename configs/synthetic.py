@@ -19,6 +19,15 @@ def get_config():
   c.data.max_size = 480
   c.data.max_gt = 8
   c.data.num_workers = 1
+  # Generator sizes (oim_jax/data/synthetic.py, SyntheticConfig): 480 train /
+  # 240 test scenes of 240x320 to 320x480 px, 120 train / 80 test identities.
+  c.data.synthetic = dict(
+      seed=0, num_train_ids=120, num_test_ids=80, num_train_scenes=480,
+      num_test_scenes=240, min_persons=2, max_persons=6,
+      min_train_appearances=3, max_train_appearances=5,
+      min_test_appearances=2, max_test_appearances=4, num_cameras=6,
+      min_person_height=40, max_person_height=160, image_scale=1.0,
+      gallery_sizes=(50, 100), jpeg_quality=90)
   c.model = person_search.default_model_config("tiny")
   c.oim.num_labeled = 120
   c.oim.queue_size = 500

@@ -43,7 +43,7 @@ def tiny_train_config(root: str, **train):
   spec.loader.exec_module(module)
   c = module.get_config()
   c.data.root = root
-  c.data.synthetic = dict(TINY_SYNTHETIC)
+  c.data.synthetic.update(TINY_SYNTHETIC)
   c.data.min_size, c.data.max_size = 128, 192
   c.data.num_workers = 0
   c.oim.num_labeled = TINY_SYNTHETIC["num_train_ids"]

@@ -132,7 +132,7 @@ def _tiny_synthetic_flags():
   from conftest import TINY_SYNTHETIC
   flags = {}
   for k, v in TINY_SYNTHETIC.items():
-    flags[k] = ",".join(map(str, v)) if isinstance(v, tuple) else v
+    flags[k] = f"({','.join(map(str, v))},)" if isinstance(v, tuple) else v
   return flags
 
 

@@ -34,14 +34,21 @@ def compute_iou(a, b):
   return inter * 1.0 / union
 
 
-def search(dataset, detections, qemb, gallery_size=100, det_thresh=0.5,
-           ignore_cam_id=True, queries=None):
-  """Returns ({"mAP", "top1", "top5", "top10"}, per-query APs)."""
+def index_detections(detections, det_thresh=0.5):
+  """The published name_to_det_feat: detections above the threshold."""
   name_to_det = {}
   for name, (boxes, scores, emb) in detections.items():
     inds = np.where(scores >= det_thresh)[0]
     if len(inds) > 0:
       name_to_det[name] = (boxes[inds].astype(np.float64), emb[inds])
+  return name_to_det
+
+
+def search(dataset, detections, qemb, gallery_size=100, det_thresh=0.5,
+           ignore_cam_id=True, queries=None, name_to_det=None):
+  """Returns ({"mAP", "top1", "top5", "top10"}, per-query APs)."""
+  if name_to_det is None:
+    name_to_det = index_detections(detections, det_thresh)
   aps, accs = [], []
   queries = range(len(dataset.queries)) if queries is None else queries
   for i in queries:

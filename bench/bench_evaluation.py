@@ -8,10 +8,12 @@ positives, then random negatives), ~10 detections per image (score-thresholded
 at 0.5, so ~8 survive), D = 256 float32 embeddings with an identity signal
 (mAP in a realistic range), and a PRW-sized one (6,112 frames, 6 cameras,
 450 identities in 25-55 frames each, 2,057 queries: many true positives per
-query, so the sorted-row counting path runs). Times oim_jax.evaluation over every query, and the loop port
-of the published code (bench/reference_search_loop.py) over a subset of the
-queries, extrapolated linearly to all of them (its cost is per query; its
-one-off detection indexing is timed separately and added once); checks both give the same per-query APs and top-k on that subset.
+query, so the sorted-row counting path runs). Times oim_jax.evaluation over
+every query, and the loop port of the published code
+(bench/reference_search_loop.py) over a subset of the queries, extrapolated
+linearly to all of them (its cost is per query; its one-off detection
+indexing is timed separately and added once); checks both give the same
+per-query APs and top-k on that subset.
 """
 
 import argparse
@@ -25,7 +27,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from oim_jax import evaluation  # pylint: disable=g-import-not-at-top
-from oim_jax.data.dataset import ImageAnnotation, Query, SearchDataset  # pylint: disable=g-import-not-at-top
+from oim_jax.data.dataset import (  # pylint: disable=g-import-not-at-top
+    ImageAnnotation, Query, SearchDataset)
 import reference_search_loop as loop  # pylint: disable=g-import-not-at-top
 
 DIM = 256

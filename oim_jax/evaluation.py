@@ -35,11 +35,13 @@ equal IoUs). recall = TP / #GT, ap = average_precision_score * recall.
 Known differences from SeqNet's code, on purpose: SeqNet's full-set (-1)
 CUHK-SYSU branch adds the TestG50 images twice (once as negatives) because it
 fills `tested` only afterwards; we follow the original person_search code
-(each image once). SeqNet's PRW IoU runs in float32 when both boxes are
-float32; we compute every IoU in float64 (as the original does with its int32
-GT boxes). The similarity of two embeddings may differ from the reference's
-in the last bit (matrix product vs. per-image product); this only matters for
-exact ties of distinct detections.
+(each image once). For top-k ties we follow SeqNet's `argsort(...)[::-1]`
+(person_search's top-1 used `argmax`, the first of equal scores). SeqNet's
+PRW IoU runs in float32 when both boxes are float32; we compute every search
+IoU in float64 (as the original does with its int32 GT boxes). The
+similarity of two embeddings may differ from the reference's in the last bit
+(matrix product vs. per-image product); this only matters for exact ties of
+distinct detections.
 """
 
 from __future__ import annotations
@@ -723,7 +725,9 @@ def evaluate_detection(dataset: SearchDataset,
     count_tp += int(tf.sum())
     y_true[det_idx[dvalid]] = tf.any(axis=1)[dvalid]
   recall = count_tp / count_gt if count_gt else 0.0
-  ap = average_precision_score(y_true, dets.scores) * recall if count_tp else 0.0
+  ap = 0.0
+  if count_tp:
+    ap = average_precision_score(y_true, dets.scores) * recall
   return {"ap": float(ap), "recall": float(recall)}
 
 

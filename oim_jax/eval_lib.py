@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from absl import logging
 import jax
@@ -21,7 +21,7 @@ import numpy as np
 
 from oim_jax import checkpointing
 from oim_jax import evaluation
-from oim_jax.data.dataset import SearchDataset
+from oim_jax.data.dataset import ImageAnnotation, SearchDataset
 
 RAW_FILE = "raw_outputs.npz"
 
@@ -39,7 +39,66 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
   return items["params"], step
 
 
-def run_inference(model, params, config: ml_collections.ConfigDict,
+class Inference:
+  """Jit-compiled detection and box embedding over static-shape batches."""
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Any):
+    from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
+    self.config = config
+    self.params = params
+    self.options = pipeline.PipelineOptions.from_config(config.data)
+    model = person_search.create_model(config)
+    self._detect = jax.jit(lambda p, im, sz: person_search.detect(
+        model, config, p, im, sz))
+    self._embed = jax.jit(lambda p, im, bx: person_search.embed_boxes(
+        model, config, p, im, bx))
+
+  def _batches(self, annotations: Sequence[ImageAnnotation], what: str):
+    from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    it = pipeline.EvalIterator(pipeline.AnnotationSource(annotations),
+                               batch_size=self.config.eval.batch_size,
+                               options=self.options)
+    return _progress(it, it.num_batches, what)
+
+  def detect(self, images: Sequence[ImageAnnotation], what: str = "gallery"):
+    """Detects and embeds persons in every image.
+
+    Returns:
+      {name: (boxes [n, 4], scores [n], embeddings [n, D])}, boxes in the
+      original image's pixels.
+    """
+    detections = {}
+    t0 = time.time()
+    for batch in self._batches(images, what):
+      out = jax.device_get(self._detect(self.params, batch["image"],
+                                        batch["image_size"]))
+      for i, idx in enumerate(batch["index"]):
+        if idx < 0:
+          continue
+        keep = out["valid"][i]
+        detections[images[idx].name] = (
+            (out["boxes"][i][keep] / batch["scale"][i]).astype(np.float32),
+            out["scores"][i][keep].astype(np.float32),
+            out["embeddings"][i][keep].astype(np.float32))
+    logging.info("%s: %d images in %.1f s", what, len(images),
+                 time.time() - t0)
+    return detections
+
+  def embed(self, images: Sequence[ImageAnnotation],
+            what: str = "queries") -> np.ndarray:
+    """Embeds the first box of every image (a query's GT box): [N, D]."""
+    out = [None] * len(images)
+    for batch in self._batches(images, what):
+      emb = jax.device_get(self._embed(self.params, batch["image"],
+                                       batch["boxes"][:, :1]))
+      for i, idx in enumerate(batch["index"]):
+        if idx >= 0:
+          out[idx] = emb[i, 0]
+    return np.stack(out).astype(np.float32)
+
+
+def run_inference(config: ml_collections.ConfigDict, params: Any,
                   dataset: SearchDataset):
   """Detects + embeds every gallery image; embeds every query box.
 
@@ -48,43 +107,11 @@ def run_inference(model, params, config: ml_collections.ConfigDict,
     image pixels, query_embeddings [num_queries, D]).
   """
   from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
-
-  detect = jax.jit(lambda p, im, sz: person_search.detect(
-      model, config, p, im, sz))
-  embed = jax.jit(lambda p, im, bx: person_search.embed_boxes(
-      model, config, p, im, bx))
-  batch_size = config.eval.batch_size
-  options = pipeline.PipelineOptions.from_config(config.data)
-
-  def batches(split):
-    it = pipeline.EvalIterator(pipeline.source_for(dataset, split),
-                               batch_size=batch_size, options=options)
-    return _progress(it, it.num_batches, split)
-
-  detections = {}
-  gallery = dataset.gallery
-  t0 = time.time()
-  for batch in batches("gallery"):
-    out = jax.device_get(detect(params, batch["image"], batch["image_size"]))
-    for i, idx in enumerate(batch["index"]):
-      if idx < 0:
-        continue
-      keep = out["valid"][i]
-      scale = batch["scale"][i]
-      detections[gallery[idx].name] = (
-          (out["boxes"][i][keep] / scale).astype(np.float32),
-          out["scores"][i][keep].astype(np.float32),
-          out["embeddings"][i][keep].astype(np.float32))
-  logging.info("gallery: %d images in %.1f s", len(gallery), time.time() - t0)
-
-  query_emb = [None] * len(dataset.queries)
-  for batch in batches("queries"):
-    emb = jax.device_get(embed(params, batch["image"], batch["boxes"][:, :1]))
-    for i, idx in enumerate(batch["index"]):
-      if idx >= 0:
-        query_emb[idx] = emb[i, 0]
-  return detections, np.stack(query_emb).astype(np.float32)
+  inference = Inference(config, params)
+  detections = inference.detect(dataset.gallery, "gallery")
+  query_emb = inference.embed(pipeline.query_annotations(dataset.queries),
+                              "queries")
+  return detections, query_emb
 
 
 def _progress(batches, total, what):
@@ -103,7 +130,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
              from_saved: bool = False) -> dict[str, Any]:
   """Runs (or reloads) inference and scores it; writes DIR/eval/metrics.json."""
   from oim_jax.data import datasets as data_lib  # pylint: disable=g-import-not-at-top
-  from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
 
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
@@ -119,8 +145,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     if params is None:
       params, step = restore_params(config, workdir, step)
-    model = person_search.create_model(config)
-    detections, query_emb = run_inference(model, params, config, dataset)
+    detections, query_emb = run_inference(config, params, dataset)
     evaluation.save_results(raw_path, detections, query_emb)
 
   c = config.eval

@@ -62,3 +62,14 @@ def tiny_train_config(root: str, **train):
   c.eval.batch_size = 4
   c.update_from_flattened_dict({f"train.{k}": v for k, v in train.items()})
   return c
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_workdir(tiny_synthetic_root, tmp_path_factory):
+  """A workdir where the tiny model trained 2 steps and was evaluated."""
+  from oim_jax import train_lib
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
+  config = tiny_train_config(tiny_synthetic_root, num_steps=2)
+  config.eval.at_end = True
+  result = train_lib.train_and_evaluate(config, workdir)
+  return workdir, config, result

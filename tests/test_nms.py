@@ -128,3 +128,21 @@ def test_batched_nms_per_class():
   per_class = np.array(per_class)
   expected = per_class[np.argsort(-scores[per_class], kind="stable")]
   _check(keep, count, expected, n)
+
+
+def test_more_slots_than_boxes_empty_input_and_traced_threshold():
+  boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]],
+                   np.float32)
+  scores = np.array([0.9, 0.8, 0.7], np.float32)
+  # IoU(0, 1) = 81 / 100: suppressed at 0.5, kept at 0.9.
+  fn = jax.jit(lambda b, s, t: ops.nms(b, s, t, 5))
+  _check(*fn(boxes, scores, 0.5), np.array([0, 2]), 5)
+  _check(*fn(boxes, scores, 0.9), np.array([0, 1, 2]), 5)
+  keep, count = ops.nms(np.zeros((0, 4), np.float32), np.zeros((0,)), 0.5, 2)
+  assert int(count) == 0 and np.all(np.asarray(keep) == -1)
+  # Per-class NMS under vmap: in image 1 box 1 is another class.
+  keep, count = jax.vmap(lambda b, s, c: ops.batched_nms(b, s, c, 0.5, 3))(
+      np.stack([boxes, boxes]), np.stack([scores, scores]),
+      np.array([[0, 0, 0], [0, 1, 0]]))
+  _check(keep[0], count[0], np.array([0, 2]), 3)
+  _check(keep[1], count[1], np.array([0, 1, 2]), 3)

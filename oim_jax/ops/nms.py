@@ -74,6 +74,8 @@ def nms(boxes, scores, iou_threshold, max_output: int, valid=None,
   if max_output < 1:
     raise ValueError(f"nms: max_output must be >= 1, got {max_output}")
   num_boxes = boxes.shape[0]
+  if num_boxes == 0:
+    return jnp.full((max_output,), -1, jnp.int32), jnp.int32(0)
   is_valid = (scores > -jnp.inf) & ~jnp.isnan(scores)
   if valid is not None:
     is_valid = is_valid & jnp.asarray(valid, bool)

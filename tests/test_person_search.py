@@ -1,0 +1,244 @@
+"""The full model: shapes, dtypes, single compilation, freezing, overfitting."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from oim_jax import oim
+from oim_jax.models import person_search as ps
+from oim_jax.models import resnet
+
+# Identity -> (top colour, bottom colour) of a drawn "person".
+_COLOURS = {0: ((220, 30, 30), (30, 30, 200)),
+            1: ((30, 200, 30), (220, 220, 30)),
+            2: ((30, 30, 220), (220, 30, 220)),
+            -1: ((240, 240, 240), (20, 20, 20))}
+# Per image: (image h, w) and persons (pid, x1, y1, x2, y2), drawn at 1.5x.
+_SCALE = 1.5
+_SCENES = [
+    ((h * _SCALE, w * _SCALE), [(p,) + tuple(c * _SCALE for c in box)
+                                for p, *box in persons])
+    for (h, w), persons in [
+        ((128, 192), [(0, 20, 20, 48, 92), (1, 110, 30, 140, 110)]),
+        ((128, 176), [(1, 30, 40, 58, 120), (2, 120, 10, 150, 80),
+                      (-1, 70, 50, 96, 118)]),
+        ((112, 192), [(2, 10, 30, 40, 106), (0, 140, 20, 170, 100)]),
+        ((128, 192), [(0, 60, 10, 92, 96), (2, 150, 40, 178, 120),
+                      (1, 10, 50, 36, 118)]),
+    ]]
+_CANVAS = (192, 288)
+_MAX_GT = 4
+
+
+def _config(loss="oim"):
+  c = ml_collections.ConfigDict()
+  c.model = ps.default_model_config("tiny")
+  c.model.rpn.pre_nms_top_n_train = 300
+  c.model.rpn.post_nms_top_n_train = 64
+  c.model.rpn.pre_nms_top_n_test = 200
+  c.model.rpn.post_nms_top_n_test = 32
+  c.model.roi.batch_size = 32
+  c.model.roi.detections_per_image = 8
+  c.model.embedding_dim = 32
+  c.oim = ml_collections.ConfigDict(dict(
+      loss=loss, num_labeled=3, queue_size=8, scalar=30.0, momentum=0.5,
+      normalize=True))
+  return c
+
+
+def _batch(seed=0):
+  """4 synthetic scenes with two-colour rectangles as persons."""
+  rng = np.random.default_rng(seed)
+  b = len(_SCENES)
+  image = np.zeros((b,) + _CANVAS + (3,), np.uint8)
+  boxes = np.zeros((b, _MAX_GT, 4), np.float32)
+  pids = np.full((b, _MAX_GT), -2, np.int32)
+  mask = np.zeros((b, _MAX_GT), bool)
+  sizes = np.zeros((b, 2), np.int32)
+  for i, ((h, w), persons) in enumerate(_SCENES):
+    h, w = int(h), int(w)
+    sizes[i] = (h, w)
+    image[i, :h, :w] = rng.integers(90, 150, (h, w, 3))
+    for j, (pid, x1, y1, x2, y2) in enumerate(persons):
+      top, bottom = _COLOURS[pid]
+      x1, y1, x2, y2 = int(x1), int(y1), int(x2), int(y2)
+      ym = (y1 + y2) // 2
+      image[i, y1:ym, x1:x2] = top
+      image[i, ym:y2, x1:x2] = bottom
+      boxes[i, j] = (x1, y1, x2, y2)
+      pids[i, j] = pid
+      mask[i, j] = True
+  return dict(image=image, image_size=sizes, boxes=boxes, pids=pids,
+              box_mask=mask)
+
+
+def _iou(a, b):
+  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+  inter = iw * ih
+  return inter / ((a[2] - a[0]) * (a[3] - a[1]) +
+                  (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_shapes_dtypes_single_compile_and_embeddings():
+  config = _config()
+  model = ps.create_model(config)
+  params = ps.init_params(model, config, jax.random.PRNGKey(0))
+  state = oim.init_state(3, 8, 32)
+  batch = _batch()
+  traces = []
+
+  def f(p, s, b, r):
+    traces.append(1)  # Python side effect: runs once per trace
+    return ps.loss_fn(model, config, p, s, b, r)
+
+  step = jax.jit(jax.value_and_grad(f, has_aux=True))
+  (loss, aux), grads = step(params, state, batch, jax.random.PRNGKey(1))
+  (loss2, _), _ = step(params, state, _batch(seed=1), jax.random.PRNGKey(2))
+  assert len(traces) == 1
+  assert np.isfinite(loss) and np.isfinite(loss2)
+  assert set(aux["losses"]) == {"rpn_cls", "rpn_reg", "det_cls", "det_reg",
+                                "reid"}
+  # Zero LUT/queue: every logit is 0, the OIM loss is log(L + Q).
+  np.testing.assert_allclose(aux["losses"]["reid"], np.log(3 + 8), rtol=1e-5)
+  np.testing.assert_allclose(loss, sum(aux["losses"].values()), rtol=1e-5)
+  r = 4 * 32
+  assert aux["embeddings"].shape == (r, 32)
+  assert aux["embeddings"].dtype == jnp.float32
+  assert aux["pids"].shape == (r,) and aux["pids"].dtype == jnp.int32
+  # Every GT is a candidate RoI, so every labeled pid of the batch appears.
+  labeled = sorted(set(np.asarray(aux["pids"]).tolist()))
+  assert labeled[0] == -2 and {-1, 0, 1, 2} <= set(labeled)
+  flat = jax.tree_util.tree_leaves(grads)
+  assert all(np.isfinite(np.asarray(g)).all() for g in flat)
+
+  det = jax.jit(lambda p, im, sz: ps.detect(model, config, p, im, sz))
+  out = det(params, batch["image"], batch["image_size"])
+  assert out["boxes"].shape == (4, 8, 4) and out["boxes"].dtype == jnp.float32
+  assert out["scores"].shape == (4, 8) and out["valid"].dtype == jnp.bool_
+  assert out["embeddings"].shape == (4, 8, 32)
+  valid = np.asarray(out["valid"])
+  norms = np.linalg.norm(np.asarray(out["embeddings"]), axis=-1)
+  np.testing.assert_allclose(norms[valid], 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(norms[~valid], 0.0)
+  b = np.asarray(out["boxes"])
+  assert (b[..., 2] <= batch["image_size"][:, None, 1]).all()
+  assert (b[..., 3] <= batch["image_size"][:, None, 0]).all()
+  # Detection embeddings are those of the re-pooled final boxes.
+  emb = jax.jit(lambda p, im, bx: ps.embed_boxes(model, config, p, im, bx))(
+      params, batch["image"], out["boxes"])
+  np.testing.assert_allclose(np.asarray(emb)[valid],
+                             np.asarray(out["embeddings"])[valid], atol=1e-5)
+
+
+def test_resnet50_model_params_mask_and_softmax_variant():
+  config = _config("softmax")
+  config.model = ps.default_model_config("resnet50")
+  model = ps.create_model(config)
+  shapes = jax.eval_shape(
+      lambda k: ps.init_params(model, config, k, pretrained=False),
+      jax.random.PRNGKey(0))
+  trunk = resnet.count_params(shapes["stem"]) + resnet.count_params(
+      shapes["res5"])
+  assert trunk == 23_508_032
+  assert shapes["reid_classifier"]["classifier"]["kernel"].shape == (256, 3)
+  assert shapes["rpn_head"]["cls_logits"]["kernel"].shape == (1, 1, 1024, 15)
+  mask = ps.trainable_mask(shapes, config)
+  assert not mask["stem"]["conv1"]["kernel"]
+  assert not mask["stem"]["layer1_2"]["conv3"]["kernel"]
+  assert mask["stem"]["layer2_0"]["conv1"]["kernel"]
+  assert not mask["stem"]["layer2_0"]["bn1"]["scale"]
+  assert mask["res5"]["layer4_0"]["conv2"]["kernel"]
+  assert mask["predictor"]["embedding"]["kernel"]
+  # Trainable count: trunk minus conv1/res2 convs and every BN affine.
+  n_train = sum(int(np.prod(s.shape)) for s, m in zip(
+      jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(mask)) if m)
+  bn = sum(int(np.prod(s.shape)) for p, s in
+           jax.tree_util.tree_flatten_with_path(shapes)[0]
+           if "bn" in str(p[-2]))
+  # 53 BNs: channel sum 64 + 1408 + 3584 + 10240 + 11264 = 26,560 (by hand).
+  assert bn == 2 * 26_560
+  # Frozen (freeze_at=2): conv1 7*7*3*64 = 9,408; res2 convs 73,728 + 2 *
+  # 69,632 = 212,992; all BN affines 53,120.
+  heads = sum(int(np.prod(s.shape)) for k, v in shapes.items()
+              if k not in ("stem", "res5")
+              for s in jax.tree_util.tree_leaves(v))
+  assert n_train - heads == 23_508_032 - 9_408 - 212_992 - 53_120
+  # The softmax loss path traces (shapes only, no compilation).
+  batch = jax.tree_util.tree_map(jnp.asarray, _batch())
+  config.model.rpn.pre_nms_top_n_train = 100
+  total, aux = jax.eval_shape(
+      lambda p: ps.loss_fn(model, config, p, oim.init_state(3, 8, 256), batch,
+                           jax.random.PRNGKey(0)), shapes)
+  assert total.shape == () and aux["embeddings"].shape == (4 * 128, 256)
+
+
+def test_bad_config_errors():
+  config = _config()
+  config.oim.loss = "arcface"
+  with pytest.raises(ValueError, match="config.oim.loss"):
+    ps.create_model(config)
+  with pytest.raises(ValueError, match="preset"):
+    ps.default_model_config("resnet9000")
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_four_images():
+  config = _config()
+  model = ps.create_model(config)
+  params = ps.init_params(model, config, jax.random.PRNGKey(0))
+  state = oim.init_state(3, 8, 32)
+  batch = jax.tree_util.tree_map(jnp.asarray, _batch())
+  num_steps = 300
+  tx = optax.adam(optax.cosine_decay_schedule(3e-3, num_steps))
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, state, rng):
+    (_, aux), grads = jax.value_and_grad(
+        lambda p: ps.loss_fn(model, config, p, state, batch, rng),
+        has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    state = oim.update_state(state, aux["embeddings"], aux["pids"],
+                             momentum=0.5)
+    return params, opt_state, state, aux["losses"]
+
+  history = []
+  t0 = time.time()
+  for i in range(num_steps):
+    params, opt_state, state, losses = step(params, opt_state, state,
+                                            jax.random.PRNGKey(100 + i))
+    history.append({k: float(v) for k, v in losses.items()})
+  print(f"{num_steps} steps in {time.time() - t0:.1f} s")
+  det = lambda h: h["rpn_cls"] + h["rpn_reg"] + h["det_cls"] + h["det_reg"]
+  # Initial losses (step 0, before any update; re-id = log(L + Q) with the
+  # zero LUT/queue) vs the mean of the last 20 steps. det_reg starts near 0
+  # because at init almost no proposal is fg, so the sum is compared.
+  last = history[-20:]
+  det0, det1 = det(history[0]), np.mean([det(h) for h in last])
+  reid0, reid1 = history[0]["reid"], np.mean([h["reid"] for h in last])
+  np.testing.assert_allclose(reid0, np.log(3 + 8), rtol=1e-5)
+  print(f"detection loss {det0:.3f} -> {det1:.3f}, re-id {reid0:.3f} -> "
+        f"{reid1:.3f}")
+  assert det1 < 0.5 * det0 and reid1 < 0.5 * reid0
+
+  out = jax.jit(lambda p, im, sz: ps.detect(model, config, p, im, sz))(
+      params, batch["image"], batch["image_size"])
+  lut = np.asarray(state.lut)
+  for i, (_, persons) in enumerate(_SCENES):
+    valid = np.asarray(out["valid"][i])
+    boxes = np.asarray(out["boxes"][i])[valid]
+    emb = np.asarray(out["embeddings"][i])[valid]
+    for pid, *gt in persons:
+      ious = [_iou(b, gt) for b in boxes]
+      assert ious and max(ious) >= 0.5, (i, pid, gt, boxes)
+      if pid >= 0:
+        # The detection on this person is nearest to its own LUT row.
+        e = emb[int(np.argmax(ious))]
+        assert int(np.argmax(lut @ e)) == pid, (i, pid, lut @ e)

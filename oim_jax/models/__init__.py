@@ -1,0 +1,1 @@
+"""Person-search network: ResNet backbone, RPN, RoI heads, the full model."""

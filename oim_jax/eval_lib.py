@@ -28,11 +28,16 @@ RAW_FILE = "raw_outputs.npz"
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str,
                    step: Optional[int] = None) -> tuple[Any, int]:
-  """Restores the "params" item alone (works for any training device count)."""
+  """Restores the "params" item alone (works for any training device count).
+
+  Returns:
+    (variables {"params", and "batch_stats" with the BN neck}, step).
+  """
   from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
   model = person_search.create_model(config)
   abstract = jax.eval_shape(
-      lambda k: person_search.init_params(model, config, k, pretrained=False),
+      lambda k: person_search.init_variables(model, config, k,
+                                             pretrained=False),
       jax.random.key(0))
   mgr = checkpointing.manager(workdir, read_only=True, async_saves=False)
   step, items, _ = checkpointing.restore(mgr, {"params": abstract}, step)

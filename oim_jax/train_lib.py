@@ -37,6 +37,7 @@ class TrainState:
   params: Any
   opt_state: Any
   oim: oim.OIMState
+  model_state: Any  # non-parameter collections (BN-neck batch_stats) or {}
 
 
 LOSS_NAMES = ("loss", "rpn_cls", "rpn_reg", "det_cls", "det_reg", "reid")
@@ -53,12 +54,13 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def create_train_state(params: Any, tx, config: ml_collections.ConfigDict,
-                       embedding_dim: int) -> TrainState:
+                       embedding_dim: int, model_state=None) -> TrainState:
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       opt_state=tx.init(params),
       oim=oim.init_state(config.oim.num_labeled, config.oim.queue_size,
-                         embedding_dim))
+                         embedding_dim),
+      model_state=dict(model_state or {}))
 
 
 def train_step(state: TrainState, batch: dict[str, jnp.ndarray], rng,
@@ -70,8 +72,11 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], rng,
     state: replicated TrainState.
     batch: this device's part of the global batch (interfaces of the
       pipeline), [B_local, ...].
-    rng: the step's key, identical on every device.
-    loss_fn: model.loss_fn(params, oim_state, batch, rng) -> (loss, aux).
+    rng: the step's key, identical on every device (each image's sampling
+      key is folded from its index, so the split over devices is irrelevant).
+    loss_fn: person_search.loss_fn with model and config bound:
+      (params, oim_state, batch, rng, model_state=, axis_name=) ->
+      (loss, aux).
     tx: the optax optimizer.
     config: full config (static).
     axis_name: the data-parallel axis, or None on a single device without
@@ -80,11 +85,10 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], rng,
   Returns:
     (new state, metrics dict of replicated scalars).
   """
-  if axis_name is not None:
-    # Different RoI/anchor sampling on every device, same across reruns.
-    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, state.oim, batch, rng)
+  def loss(params):
+    return loss_fn(params, state.oim, batch, rng,
+                   model_state=state.model_state, axis_name=axis_name)
+  (loss, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -105,7 +109,8 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], rng,
   if axis_name is not None:
     values = jax.lax.pmean(values, axis_name)
   new_state = state.replace(step=state.step + 1, params=params,
-                            opt_state=opt_state, oim=new_oim)
+                            opt_state=opt_state, oim=new_oim,
+                            model_state=aux["model_state"])
   return new_state, values
 
 
@@ -242,14 +247,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   total_steps = (config.train.num_steps if config.train.num_steps > 0
                  else config.train.epochs * steps_per_epoch)
 
-  model = person_search.create_model(config)
+  model = person_search.create_model(config, axis_name=parallel.AXIS)
   init_rng, base_rng = jax.random.split(jax.random.key(config.seed))
-  params = person_search.init_params(model, config, init_rng)
+  params, model_state = person_search.split_variables(
+      person_search.init_variables(model, config, init_rng))
   trainable = person_search.trainable_mask(params, config)
   tx, schedule = optim.create_optimizer(config.train, steps_per_epoch,
                                         trainable)
   state = create_train_state(params, tx, config,
-                             config.model.embedding_dim)
+                             config.model.embedding_dim, model_state)
 
   ckpt = checkpointing.manager(workdir, config.train.keep_checkpoints,
                                async_saves=config.train.async_checkpoints)
@@ -257,9 +263,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   start_step = 0
   if ckpt.latest_step() is not None:
     start_step, items, meta = checkpointing.restore(
-        ckpt, {"params": state.params, "opt_state": state.opt_state,
-               "oim": state.oim})
-    state = TrainState(step=jnp.asarray(start_step, jnp.int32), **items)
+        ckpt, {"params": {"params": state.params, **state.model_state},
+               "opt_state": state.opt_state, "oim": state.oim})
+    params, model_state = person_search.split_variables(items["params"])
+    state = TrainState(step=jnp.asarray(start_step, jnp.int32),
+                       params=params, opt_state=items["opt_state"],
+                       oim=items["oim"], model_state=model_state)
     loader.set_state(meta["pipeline"])
     history.truncate_after(start_step)
     logging.info("Resumed from step %d (%s).", start_step, ckpt.directory)
@@ -328,8 +337,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   def save(step_done: int, force: bool = False):
     meta = {"step": step_done, "seed": config.seed,
             "pipeline": loader.get_state()}
+    # "params" holds all model variables: what evaluation restores.
     checkpointing.save(ckpt, step_done, {
-        "params": parallel.unreplicate(state.params, mode),
+        "params": parallel.unreplicate(
+            {"params": state.params, **state.model_state}, mode),
         "opt_state": parallel.unreplicate(state.opt_state, mode),
         "oim": parallel.unreplicate(state.oim, mode)}, meta, force=force)
 
@@ -376,7 +387,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   result = dict(last)
   if config.eval.at_end:
     from oim_jax import eval_lib  # pylint: disable=g-import-not-at-top
-    params = parallel.unreplicate(state.params, mode)
+    params = parallel.unreplicate(
+        {"params": state.params, **state.model_state}, mode)
     eval_metrics = eval_lib.evaluate(config, workdir, params=params,
                                      dataset=dataset, step=step)
     result.update(eval_metrics)

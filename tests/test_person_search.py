@@ -88,14 +88,16 @@ def _iou(a, b):
 def test_shapes_dtypes_single_compile_and_embeddings():
   config = _config()
   model = ps.create_model(config)
-  params = ps.init_params(model, config, jax.random.PRNGKey(0))
+  variables = ps.init_variables(model, config, jax.random.PRNGKey(0))
+  params, model_state = ps.split_variables(variables)
+  assert set(model_state) == {"batch_stats"}  # the tiny preset's BN neck
   state = oim.init_state(3, 8, 32)
   batch = _batch()
   traces = []
 
   def f(p, s, b, r):
     traces.append(1)  # Python side effect: runs once per trace
-    return ps.loss_fn(model, config, p, s, b, r)
+    return ps.loss_fn(model, config, p, s, b, r, model_state=model_state)
 
   step = jax.jit(jax.value_and_grad(f, has_aux=True))
   (loss, aux), grads = step(params, state, batch, jax.random.PRNGKey(1))
@@ -116,9 +118,14 @@ def test_shapes_dtypes_single_compile_and_embeddings():
   assert labeled[0] == -2 and {-1, 0, 1, 2} <= set(labeled)
   flat = jax.tree_util.tree_leaves(grads)
   assert all(np.isfinite(np.asarray(g)).all() for g in flat)
+  # Training updated the BN neck's running statistics.
+  new_stats = jax.tree_util.tree_leaves(aux["model_state"])
+  old_stats = jax.tree_util.tree_leaves(model_state)
+  assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
+             for a, b in zip(new_stats, old_stats))
 
   det = jax.jit(lambda p, im, sz: ps.detect(model, config, p, im, sz))
-  out = det(params, batch["image"], batch["image_size"])
+  out = det(variables, batch["image"], batch["image_size"])
   assert out["boxes"].shape == (4, 8, 4) and out["boxes"].dtype == jnp.float32
   assert out["scores"].shape == (4, 8) and out["valid"].dtype == jnp.bool_
   assert out["embeddings"].shape == (4, 8, 32)
@@ -131,7 +138,7 @@ def test_shapes_dtypes_single_compile_and_embeddings():
   assert (b[..., 3] <= batch["image_size"][:, None, 0]).all()
   # Detection embeddings are those of the re-pooled final boxes.
   emb = jax.jit(lambda p, im, bx: ps.embed_boxes(model, config, p, im, bx))(
-      params, batch["image"], out["boxes"])
+      variables, batch["image"], out["boxes"])
   np.testing.assert_allclose(np.asarray(emb)[valid],
                              np.asarray(out["embeddings"])[valid], atol=1e-5)
 
@@ -191,7 +198,8 @@ def test_bad_config_errors():
 def test_tiny_model_overfits_four_images():
   config = _config()
   model = ps.create_model(config)
-  params = ps.init_params(model, config, jax.random.PRNGKey(0))
+  params, model_state = ps.split_variables(
+      ps.init_variables(model, config, jax.random.PRNGKey(0)))
   state = oim.init_state(3, 8, 32)
   batch = jax.tree_util.tree_map(jnp.asarray, _batch())
   num_steps = 300
@@ -199,21 +207,22 @@ def test_tiny_model_overfits_four_images():
   opt_state = tx.init(params)
 
   @jax.jit
-  def step(params, opt_state, state, rng):
+  def step(params, model_state, opt_state, state, rng):
     (_, aux), grads = jax.value_and_grad(
-        lambda p: ps.loss_fn(model, config, p, state, batch, rng),
+        lambda p: ps.loss_fn(model, config, p, state, batch, rng,
+                             model_state=model_state),
         has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     state = oim.update_state(state, aux["embeddings"], aux["pids"],
                              momentum=0.5)
-    return params, opt_state, state, aux["losses"]
+    return params, aux["model_state"], opt_state, state, aux["losses"]
 
   history = []
   t0 = time.time()
   for i in range(num_steps):
-    params, opt_state, state, losses = step(params, opt_state, state,
-                                            jax.random.PRNGKey(100 + i))
+    params, model_state, opt_state, state, losses = step(
+        params, model_state, opt_state, state, jax.random.PRNGKey(100 + i))
     history.append({k: float(v) for k, v in losses.items()})
   print(f"{num_steps} steps in {time.time() - t0:.1f} s")
   det = lambda h: h["rpn_cls"] + h["rpn_reg"] + h["det_cls"] + h["det_reg"]
@@ -229,7 +238,7 @@ def test_tiny_model_overfits_four_images():
   assert det1 < 0.5 * det0 and reid1 < 0.5 * reid0
 
   out = jax.jit(lambda p, im, sz: ps.detect(model, config, p, im, sz))(
-      params, batch["image"], batch["image_size"])
+      {"params": params, **model_state}, batch["image"], batch["image_size"])
   lut = np.asarray(state.lut)
   for i, (_, persons) in enumerate(_SCENES):
     valid = np.asarray(out["valid"][i])

@@ -2,17 +2,21 @@
 
 Public faces (the train/eval libraries call these):
   default_model_config(preset="resnet50")       -> config.model ConfigDict
-  create_model(config)                           -> PersonSearch
+  create_model(config, axis_name=None)           -> PersonSearch
+  init_variables(model, config, rng, pretrained=True) -> {"params", ...}
   init_params(model, config, rng, pretrained=True) -> params
   trainable_mask(params, config)                 -> pytree of bools
-  loss_fn(model, config, params, oim_state, batch, rng, train=True)
-      -> (total_loss, aux{"losses", "embeddings" [B*R, D], "pids" [B*R]})
-  detect(model, config, params, images, image_sizes)
+  loss_fn(model, config, params, oim_state, batch, rng, train=True,
+          model_state=None, axis_name=None)
+      -> (total_loss, aux{"losses", "embeddings" [B*R, D], "pids" [B*R],
+                          "model_state"})
+  detect(model, config, variables, images, image_sizes)
       -> {"boxes" [B,M,4], "scores" [B,M], "embeddings" [B,M,D], "valid" [B,M]}
-  embed_boxes(model, config, params, images, boxes [B,K,4]) -> [B,K,D]
+  embed_boxes(model, config, variables, images, boxes [B,K,4]) -> [B,K,D]
 
 `config` is the full config (`config.model`, `config.oim`); `params` is the
-'params' collection. Images are uint8 [B, H, W, 3] canvases (H, W multiples of
+'params' collection; `variables` the params alone or the full variables dict
+({"params", "batch_stats"} with the BatchNorm neck). Images are uint8 [B, H, W, 3] canvases (H, W multiples of
 32), normalised on device. All shapes are static; boxes are float32 pixels
 (x1, y1, x2, y2) of the resized canvas.
 """
@@ -87,13 +91,17 @@ def default_model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
   c.roi.smooth_l1_beta = 1.0 / 9
   # Identity embedding.
   c.embedding_dim = 256
-  c.embedding_norm = "none"  # "none" | "layernorm" (stateless BN-neck stand-in)
+  # "none" | "batchnorm" (BN neck, state in `batch_stats`) | "layernorm"
+  c.embedding_norm = "none"
   # Loss weights (total = sum of weight * loss).
   c.loss_weights = ml_collections.ConfigDict(dict(
       rpn_cls=1.0, rpn_reg=1.0, det_cls=1.0, det_reg=1.0, reid=1.0))
   if preset == "tiny":
     c.depth, c.width = 18, 8
     c.freeze_at, c.train_bn, c.zero_init_residual = 0, True, True
+    # From scratch, post-ReLU RoI features all point the same way: the BN
+    # neck spreads the embeddings so that OIM has a gradient to follow.
+    c.embedding_norm = "batchnorm"
     c.anchor_sizes = (16, 32, 64, 128)
     c.rpn.pre_nms_top_n_train, c.rpn.post_nms_top_n_train = 600, 150
     c.rpn.pre_nms_top_n_test, c.rpn.post_nms_top_n_test = 300, 50
@@ -115,6 +123,7 @@ class PersonSearch(nn.Module):
   """
   config: Any
   num_softmax_classes: int = 0
+  axis_name: Any = None  # data-parallel axis (synchronised BN neck)
 
   def setup(self):
     c = self.config
@@ -128,7 +137,8 @@ class PersonSearch(nn.Module):
     self.res5 = resnet.ResNetHead(c.depth, c.width, c.train_bn,
                                   c.zero_init_residual, dtype)
     self.predictor = roi_heads.BoxPredictor(c.embedding_dim,
-                                            c.embedding_norm, dtype)
+                                            c.embedding_norm, dtype,
+                                            self.axis_name)
     if self.num_softmax_classes:
       self.reid_classifier = oim.SoftmaxClassifier(self.num_softmax_classes)
 
@@ -202,11 +212,18 @@ class PersonSearch(nn.Module):
     c4 = self.features(images)
     logits, deltas = self.rpn_head(c4)
     anchors, anchor_valid = self.anchors(c4, image_size)
-    key_rpn, key_roi = jax.random.split(key)
+    # One key per image from its dataset index: the sampling of an image
+    # does not depend on how the global batch is split over devices.
+    if "index" in batch:
+      keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(
+          jnp.asarray(batch["index"], jnp.int32))
+    else:
+      keys = jax.random.split(key, b)
+    key_rpn, key_roi = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     targets = jax.vmap(lambda v, g, m, k: rpn.rpn_targets(
         anchors, v, g, m, k, fg_iou=c.rpn.fg_iou, bg_iou=c.rpn.bg_iou,
         batch_size=c.rpn.batch_size, fg_fraction=c.rpn.fg_fraction))(
-            anchor_valid, gt_boxes, gt_valid, jax.random.split(key_rpn, b))
+            anchor_valid, gt_boxes, gt_valid, key_rpn)
     rpn_cls, rpn_reg = rpn.rpn_losses(logits, deltas, targets,
                                       c.rpn.smooth_l1_beta)
 
@@ -215,10 +232,9 @@ class PersonSearch(nn.Module):
         p, pv, g, gp, m, k, batch_size=c.roi.batch_size,
         fg_fraction=c.roi.fg_fraction, fg_iou=c.roi.fg_iou,
         bg_iou=c.roi.bg_iou, bg_iou_lo=c.roi.bg_iou_lo))(
-            props, props_valid, gt_boxes, gt_pids, gt_valid,
-            jax.random.split(key_roi, b))
+            props, props_valid, gt_boxes, gt_pids, gt_valid, key_roi)
     cls_logits, box_deltas, emb = self.predictor(
-        self.box_features(c4, samples.boxes))
+        self.box_features(c4, samples.boxes), train)
     flat = jax.tree_util.tree_map(
         lambda x: x.reshape((-1,) + x.shape[2:]), samples)
     det_cls, det_reg = roi_heads.detection_losses(
@@ -269,31 +285,58 @@ def _dtype(model_config):
   return _DTYPES[model_config.dtype]
 
 
-def create_model(config) -> PersonSearch:
-  """Builds the module from the full config (`config.model`, `config.oim`)."""
+def create_model(config, axis_name=None) -> PersonSearch:
+  """Builds the module from the full config (`config.model`, `config.oim`).
+
+  Args:
+    config: the full config.
+    axis_name: the data-parallel axis the train step runs under (for the
+      synchronised BatchNorm neck); None for inference or a plain jit.
+  """
   loss = config.oim.loss
   if loss not in ("oim", "softmax"):
     raise ValueError(f"config.oim.loss={loss!r}: use 'oim' or 'softmax'")
   return PersonSearch(
       ml_collections.FrozenConfigDict(config.model),
-      config.oim.num_labeled if loss == "softmax" else 0)
+      config.oim.num_labeled if loss == "softmax" else 0, axis_name)
 
 
-def init_params(model: PersonSearch, config, rng, pretrained: bool = True):
+def init_variables(model: PersonSearch, config, rng, pretrained: bool = True):
   """Random init, then the converted ImageNet weights if configured.
 
   Returns:
-    the 'params' collection (nested dicts of float32 arrays).
+    {"params": ..., and "batch_stats" when the BN neck is used}: nested
+    dicts of float32 arrays.
   """
   images = jnp.zeros((1, 64, 64, 3), jnp.uint8)
   boxes = jnp.array([[[0.0, 0.0, 32.0, 32.0]]], jnp.float32)
-  params = flax.core.unfreeze(jax.jit(model.init)(rng, images, boxes)["params"])
+  variables = flax.core.unfreeze(jax.jit(model.init)(rng, images, boxes))
+  params = variables["params"]
   path = config.model.pretrained
   if pretrained and path:
     params = pretrained_lib.merge(params, pretrained_lib.load(path),
                                   source=f"config.model.pretrained={path}")
     params = jax.tree_util.tree_map(jnp.asarray, params)
-  return params
+  variables["params"] = params
+  return variables
+
+
+def init_params(model: PersonSearch, config, rng, pretrained: bool = True):
+  """The 'params' collection of `init_variables`."""
+  return init_variables(model, config, rng, pretrained)["params"]
+
+
+def split_variables(variables):
+  """-> (params, model_state: the other collections, e.g. batch_stats)."""
+  state = {k: v for k, v in variables.items() if k != "params"}
+  return variables["params"], state
+
+
+def _variables(params_or_variables):
+  """Accepts the params collection or a full variables dict."""
+  if "params" in params_or_variables:
+    return params_or_variables
+  return {"params": params_or_variables}
 
 
 def trainable_mask(params, config):
@@ -310,27 +353,54 @@ def trainable_mask(params, config):
 
 
 def loss_fn(model: PersonSearch, config, params, oim_state, batch, rng,
-            train: bool = True):
+            train: bool = True, model_state=None, axis_name=None):
   """Total training loss and what the OIM update needs.
+
+  Args:
+    model, config: from create_model.
+    params: the 'params' collection (differentiated).
+    oim_state: the OIM lookup table and queue.
+    batch: the pipeline's batch (this device's part of it).
+    rng: the step's key; each image's sampling key is folded from its index.
+    train: training mode (training proposal counts, BN-neck batch stats).
+    model_state: the other variable collections ({"batch_stats": ...} with
+      the BN neck, else {}).
+    axis_name: inside a data-parallel step, the device axis: the re-id loss
+      is then normalised by the number of labeled RoIs of the whole global
+      batch, so that the mean of the per-device gradients is the gradient of
+      the global-batch loss.
 
   Returns:
     (total, aux) with aux = {"losses": {rpn_cls, rpn_reg, det_cls, det_reg,
     reid}, "embeddings": [B*R, D] (no gradient), "pids": [B*R] int32 (-2 for
-    background and unused RoI slots)}.
+    background and unused RoI slots), "model_state": updated collections}.
   """
-  out = model.apply({"params": params}, batch, rng, train,
-                    method=PersonSearch.train_outputs)
+  model_state = dict(model_state or {})
+  variables = {"params": params, **model_state}
+  if train and model_state:
+    out, model_state = model.apply(variables, batch, rng, train,
+                                   method=PersonSearch.train_outputs,
+                                   mutable=list(model_state))
+    model_state = dict(model_state)
+  else:
+    out = model.apply(variables, batch, rng, train,
+                      method=PersonSearch.train_outputs)
   if config.oim.loss == "softmax":
     reid = oim.softmax_loss(out["reid_logits"], out["pids"])
   else:
     reid = oim.oim_loss(oim_state, out["embeddings"], out["pids"],
                         config.oim.scalar)
+  if axis_name is not None:
+    local = jnp.sum(out["pids"] >= 0).astype(jnp.float32)
+    total_labeled = jax.lax.psum(local, axis_name)
+    devices = jax.lax.psum(1.0, axis_name)
+    reid = reid * local * devices / jnp.maximum(total_labeled, 1.0)
   losses = dict(out["losses"], reid=reid)
   w = config.model.loss_weights
   total = sum(w[k] * v for k, v in losses.items())
   aux = {"losses": losses,
          "embeddings": jax.lax.stop_gradient(out["embeddings"]),
-         "pids": out["pids"]}
+         "pids": out["pids"], "model_state": model_state}
   return total, aux
 
 
@@ -342,12 +412,12 @@ def detect(model: PersonSearch, config, params, images, image_sizes):
      "valid" bool [B, M]} with M = config.model.roi.detections_per_image.
   """
   del config  # carried by the model
-  return model.apply({"params": params}, images, image_sizes,
+  return model.apply(_variables(params), images, image_sizes,
                      method=PersonSearch.detect)
 
 
 def embed_boxes(model: PersonSearch, config, params, images, boxes):
   """Embeddings of given boxes (e.g. a query's GT box): [B, K, D]."""
   del config
-  return model.apply({"params": params}, images, boxes,
+  return model.apply(_variables(params), images, boxes,
                      method=PersonSearch.embed_images)

@@ -59,17 +59,26 @@ class BoxPredictor(nn.Module):
 
   Attributes:
     embedding_dim: D (256).
-    embedding_norm: "none" or "layernorm" (a per-embedding normalisation
-      before L2 normalisation; stateless, unlike a BatchNorm neck).
+    embedding_norm: normalisation of the projection before L2 normalisation:
+      "none"; "batchnorm" (the "BN neck" of the PyTorch reimplementations:
+      batch statistics of the sampled RoIs in training, synchronised over
+      `axis_name`, running averages in the `batch_stats` collection at test
+      time); or "layernorm" (stateless, per embedding).
     dtype: compute dtype; outputs are float32.
+    axis_name: data-parallel axis for synchronised BN statistics, or None.
   """
   embedding_dim: int = 256
   embedding_norm: str = "none"
   dtype: Any = jnp.float32
+  axis_name: Any = None
 
   @nn.compact
-  def __call__(self, x):
-    """x: [K, C] -> (cls_logits [K, 2], deltas [K, 4], embeddings [K, D])."""
+  def __call__(self, x, train: bool = False):
+    """x: [K, C] -> (cls_logits [K, 2], deltas [K, 4], embeddings [K, D]).
+
+    `train` selects batch statistics (and their running-average update) for
+    the BatchNorm neck; it has no other effect.
+    """
     dense = lambda n, std, name: nn.Dense(
         n, kernel_init=nn.initializers.normal(std), dtype=self.dtype,
         param_dtype=jnp.float32, name=name)
@@ -79,9 +88,16 @@ class BoxPredictor(nn.Module):
     emb = dense(self.embedding_dim, 0.01, "embedding")(x).astype(jnp.float32)
     if self.embedding_norm == "layernorm":
       emb = nn.LayerNorm(name="embedding_norm")(emb)
+    elif self.embedding_norm == "batchnorm":
+      # Centres the projections over RoIs: without it a from-scratch network
+      # maps every RoI (post-ReLU, all-positive features) to nearly the same
+      # direction and the OIM gradient, s * (E_p[v] - v_target), vanishes.
+      emb = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                         epsilon=1e-5, axis_name=self.axis_name if train
+                         else None, name="embedding_norm")(emb)
     elif self.embedding_norm != "none":
       raise ValueError(f"model.embedding_norm={self.embedding_norm!r}: use "
-                       "'none' or 'layernorm'")
+                       "'none', 'batchnorm' or 'layernorm'")
     emb = emb * jax.lax.rsqrt(
         jnp.maximum(jnp.sum(emb * emb, axis=-1, keepdims=True), 1e-12))
     return cls, deltas, emb

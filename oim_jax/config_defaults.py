@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 5  # global batch (all devices together)
   c.train.epochs = 20
   c.train.num_steps = 0  # > 0 overrides epochs
+  c.train.optimizer = "sgd"  # "sgd" (momentum) | "adam"
   c.train.lr = 0.003
   c.train.momentum = 0.9
   c.train.weight_decay = 5e-4

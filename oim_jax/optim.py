@@ -41,7 +41,8 @@ def create_optimizer(train_config: Any, steps_per_epoch: int,
   """Builds the optimizer from `config.train`.
 
   Args:
-    train_config: ConfigDict with lr, momentum, weight_decay, clip_norm,
+    train_config: ConfigDict with optimizer ("sgd" | "adam"), lr, momentum,
+      weight_decay, clip_norm,
       warmup_epochs (or warmup_steps when schedule_unit == "step"),
       warmup_factor, lr_milestones, lr_gamma, schedule_unit ("epoch"/"step").
     steps_per_epoch: optimizer steps per epoch (for epoch-based schedules).
@@ -67,8 +68,16 @@ def create_optimizer(train_config: Any, steps_per_epoch: int,
     parts.append(optax.clip_by_global_norm(c.clip_norm))
   if c.weight_decay:
     parts.append(optax.add_decayed_weights(c.weight_decay))
-  parts.append(optax.sgd(schedule, momentum=c.momentum or None,
-                         nesterov=False))
+  if c.optimizer == "sgd":
+    parts.append(optax.sgd(schedule, momentum=c.momentum or None,
+                           nesterov=False))
+  elif c.optimizer == "adam":
+    # For small from-scratch models (the synthetic config); weight decay is
+    # then L2 added to the gradient, as above.
+    parts.append(optax.adam(schedule))
+  else:
+    raise ValueError(f"config.train.optimizer must be 'sgd' or 'adam', got "
+                     f"{c.optimizer!r}")
   labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
   # Frozen leaves get zeros: their gradients are then unused, and XLA drops
   # their computation altogether.

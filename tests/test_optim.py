@@ -11,7 +11,7 @@ from oim_jax import optim
 
 def _train_config(**overrides):
   c = ml_collections.ConfigDict(dict(
-      lr=0.003, momentum=0.9, weight_decay=5e-4, clip_norm=10.0,
+      optimizer="sgd", lr=0.003, momentum=0.9, weight_decay=5e-4, clip_norm=10.0,
       warmup_epochs=1.0, warmup_steps=0, warmup_factor=1e-3,
       lr_milestones=(16,), lr_gamma=0.1, schedule_unit="epoch"))
   c.update(overrides)

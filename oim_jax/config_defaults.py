@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Evaluation: see oim_jax/evaluation.py.
   c.eval = ml_collections.ConfigDict()
   c.eval.at_end = True
+  c.eval.every_steps = 0  # > 0: also evaluate during training (curves)
   c.eval.gallery_size = 100  # CUHK-SYSU: 50..4000, -1 = whole test set
   c.eval.det_thresh = 0.5
   c.eval.ignore_cam_id = True  # PRW: also search same-camera frames

@@ -344,6 +344,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         "opt_state": parallel.unreplicate(state.opt_state, mode),
         "oim": parallel.unreplicate(state.oim, mode)}, meta, force=force)
 
+  def run_eval(step_done: int) -> dict[str, Any]:
+    from oim_jax import eval_lib  # pylint: disable=g-import-not-at-top
+    variables = parallel.unreplicate(
+        {"params": state.params, **state.model_state}, mode)
+    metrics = eval_lib.evaluate(config, workdir, params=variables,
+                                dataset=dataset, step=step_done)
+    if jax.process_index() == 0:
+      for k, v in metrics.items():
+        writer.add_scalar(f"eval/{k}", v, step_done)
+      writer.flush()
+      history.append({"step": step_done,
+                      **{f"eval_{k}": v for k, v in metrics.items()}})
+    return metrics
+
+  eval_every = config.eval.every_steps
   step = start_step
   with _Preemption() as preempt:
     try:
@@ -373,6 +388,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           flush(step, window)
           window, pending = [], None
           save(step, force=True)
+        if (eval_every > 0 and step % eval_every == 0 and step < total_steps
+            and not preempt.requested):
+          run_eval(step)
+          window_start = time.time()  # keep evaluation out of s/step
         if preempt.requested:
           logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.",
                           step)
@@ -382,20 +401,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     finally:
       ckpt.wait_until_finished()
       loader.close()
-  writer.close()
 
   result = dict(last)
   if config.eval.at_end:
-    from oim_jax import eval_lib  # pylint: disable=g-import-not-at-top
-    params = parallel.unreplicate(
-        {"params": state.params, **state.model_state}, mode)
-    eval_metrics = eval_lib.evaluate(config, workdir, params=params,
-                                     dataset=dataset, step=step)
-    result.update(eval_metrics)
-    if jax.process_index() == 0:
-      history.append({"step": step, **{f"eval_{k}": v
-                                       for k, v in eval_metrics.items()
-                                       if isinstance(v, (int, float))}})
+    result.update(run_eval(step))
+  writer.close()
   if jax.process_index() == 0:
     plot_curves(history.read(), os.path.join(workdir, "curves.png"))
   return result
@@ -440,7 +450,8 @@ def plot_curves(rows: list[dict[str, Any]], path: str):
   axes[0].set_xlabel("step")
   axes[0].set_ylabel("loss")
   axes[0].set_yscale("log")
-  axes[0].legend(fontsize=8)
+  if axes[0].lines:
+    axes[0].legend(fontsize=8)
   axes[0].set_title("training losses")
   for name in ("eval_mAP", "eval_top1", "eval_det_recall"):
     xs = [r["step"] for r in evals if name in r]
@@ -450,7 +461,8 @@ def plot_curves(rows: list[dict[str, Any]], path: str):
   axes[1].set_xlabel("step")
   axes[1].set_ylabel("%")
   axes[1].set_title("evaluation")
-  axes[1].legend(fontsize=8)
+  if axes[1].lines:
+    axes[1].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

@@ -71,5 +71,6 @@ def tiny_trained_workdir(tiny_synthetic_root, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("trained") / "run")
   config = tiny_train_config(tiny_synthetic_root, num_steps=2)
   config.eval.at_end = True
+  config.eval.every_steps = 1  # also mid-training: a 2-point mAP curve
   result = train_lib.train_and_evaluate(config, workdir)
   return workdir, config, result

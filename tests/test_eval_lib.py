@@ -39,6 +39,10 @@ def test_train_then_eval_py_from_checkpoint(tiny_synthetic_root,
   for key in ("mAP", "top1", "top5", "top10", "det_ap", "det_recall"):
     assert 0.0 <= out[key] <= 1.0
   assert os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
+  with open(os.path.join(workdir, "history.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert [r["step"] for r in rows if "eval_mAP" in r] == [1, 2]
+  assert os.path.exists(os.path.join(workdir, "curves.png"))
 
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)

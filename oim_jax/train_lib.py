@@ -106,6 +106,11 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], rng,
   values = {k: jnp.asarray(values.get(k, 0.0), jnp.float32)
             for k in LOSS_NAMES}
   values["grad_norm"] = _global_norm(grads)
+  # A finite loss can still produce inf/nan parameters (e.g. a huge step);
+  # the loop refuses to checkpoint such a state.
+  values["nonfinite_params"] = sum(
+      jnp.sum(~jnp.isfinite(p)) for p in jax.tree.leaves(params)
+  ).astype(jnp.float32)
   if axis_name is not None:
     values = jax.lax.pmean(values, axis_name)
   new_state = state.replace(step=state.step + 1, params=params,
@@ -327,11 +332,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     last = means
 
   def check_finite(step_done: int, m: dict[str, float]):
-    if not all(math.isfinite(v) for v in m.values()):
+    if (not all(math.isfinite(v) for v in m.values())
+        or m.get("nonfinite_params", 0.0) > 0):
       raise NonFiniteLossError(
-          f"Non-finite training loss at step {step_done}: {m}. Training "
-          "stopped; no checkpoint of this state was written. Lower "
-          "config.train.lr, check the data, or resume from the last "
+          f"Non-finite training loss or parameters after step {step_done}: "
+          f"{m}. Training stopped; no checkpoint of this state was written. "
+          "Lower config.train.lr, check the data, or resume from the last "
           f"checkpoint in {ckpt.directory}.")
 
   def save(step_done: int, force: bool = False):

@@ -112,3 +112,38 @@ def test_shard_map_and_pmap_equal_one_device(tiny_synthetic_root, tmp_path):
     assert out[mode + "_lut"] < 1e-4, out
     assert out[mode + "_queue"] < 1e-4, out
     assert out[mode + "_pointer"] == out["ref_pointer"]
+
+
+@pytest.mark.slow
+def test_checkpoint_from_8_devices_resumes_on_1(tiny_synthetic_root, tmp_path):
+  from conftest import TINY_SYNTHETIC, tiny_train_config
+  from oim_jax import checkpointing, train_lib
+  workdir = str(tmp_path / "run")
+  flags = [f"--config.data.synthetic.{k}=" +
+           (f"({','.join(map(str, v))},)" if isinstance(v, tuple) else str(v))
+           for k, v in TINY_SYNTHETIC.items()]
+  cmd = [sys.executable, os.path.join(REPO, "train.py"),
+         "--config=" + os.path.join(REPO, "configs", "synthetic.py"),
+         f"--workdir={workdir}", f"--config.data.root={tiny_synthetic_root}",
+         "--config.data.min_size=128", "--config.data.max_size=192",
+         "--config.data.num_workers=0", "--config.oim.num_labeled=8",
+         "--config.oim.queue_size=16",
+         "--config.model.rpn.pre_nms_top_n_train=200",
+         "--config.model.rpn.post_nms_top_n_train=50",
+         "--config.model.rpn.pre_nms_top_n_test=100",
+         "--config.model.rpn.post_nms_top_n_test=30",
+         "--config.model.roi.batch_size=16",
+         "--config.model.roi.detections_per_image=8",
+         "--config.model.embedding_dim=16", "--config.train.batch_size=8",
+         "--config.train.num_steps=1", "--config.eval.at_end=False", *flags]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # Resume on this process's single device, with a per-device batch of 2.
+  config = tiny_train_config(tiny_synthetic_root, num_steps=2, batch_size=2)
+  out = train_lib.train_and_evaluate(config, workdir)
+  assert np.isfinite(out["loss"])
+  mgr = checkpointing.manager(workdir, read_only=True, async_saves=False)
+  assert list(mgr.all_steps()) == [1, 2]

@@ -167,3 +167,40 @@ def test_unknown_config_field_is_rejected_by_train_py(tmp_path):
       env=_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert "lrr" in proc.stderr
+
+
+def test_non_finite_loss_stops_without_checkpointing_it(tiny_synthetic_root,
+                                                        tmp_path):
+  # lr 1e20: the first update makes the parameters overflow.
+  config = tiny_train_config(tiny_synthetic_root, lr=1e20, clip_norm=0.0,
+                             checkpoint_every=1)
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(train_lib.NonFiniteLossError, match="Non-finite"):
+    train_lib.train_and_evaluate(config, workdir)
+  mgr = checkpointing.manager(workdir, read_only=True, async_saves=False)
+  for step in mgr.all_steps():  # whatever was saved is finite
+    state = checkpointing.restore_raw(mgr, step)
+    assert all(np.isfinite(np.asarray(x)).all()
+               for x in jax.tree.leaves(state))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tiny_synthetic_root, tmp_path):
+  extra = [f"--config.data.synthetic.{k}={v}" for k, v in
+           _tiny_synthetic_flags().items()]
+  workdir = str(tmp_path / "term")
+  cmd = _train_cmd(tiny_synthetic_root, workdir, 200) + extra + [
+      "--config.train.checkpoint_every=1000"]
+  proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  history = os.path.join(workdir, "history.jsonl")
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(history) and os.path.getsize(history) > 0:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  step, _ = _final_state(workdir)
+  assert 1 <= step < 200  # saved where it stopped, not at a periodic step

@@ -69,3 +69,23 @@ def test_freeze_at_and_frozen_bn_get_zero_gradient():
 def test_bad_depth_is_a_clear_error():
   with pytest.raises(ValueError, match="model.depth=42"):
     resnet.stem_channels(42, 64)
+
+
+def test_group_norm_mode_matches_numpy():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, 6, 8)).astype(np.float32) * 3 + 1
+  module = resnet.FrozenBatchNorm(trainable=True, groups=4)
+  params = module.init(jax.random.PRNGKey(0), x)
+  params = jax.tree_util.tree_map(lambda p: p, params)
+  scale = rng.normal(size=8).astype(np.float32)
+  bias = rng.normal(size=8).astype(np.float32)
+  params = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+  got = np.asarray(module.apply(params, jnp.asarray(x)))
+  want = np.empty_like(x)
+  for n in range(2):
+    for g in range(4):
+      block = x[n, :, :, 2 * g:2 * g + 2].astype(np.float64)
+      want[n, :, :, 2 * g:2 * g + 2] = (block - block.mean()) / np.sqrt(
+          block.var() + 1e-5)
+  want = want * scale + bias
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

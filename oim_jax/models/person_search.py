@@ -56,6 +56,7 @@ def default_model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
   c.freeze_at = 2  # 0 none, 1 conv1, 2 conv1+res2 (default), ... 4 the stem
   c.train_bn = False  # train the folded BN affines (only sensible from scratch)
   c.zero_init_residual = False  # zero-init last BN of each block (scratch)
+  c.norm_groups = 0  # 0: frozen BN; > 0: GroupNorm groups (from scratch)
   c.pretrained = ""  # converted ImageNet weights (.npz/.msgpack), see README
   # Anchors (one feature map, stride 16); ratio = h / w as torchvision.
   c.anchor_sizes = (32, 64, 128, 256, 512)
@@ -130,12 +131,12 @@ class PersonSearch(nn.Module):
     dtype = _dtype(c)
     c4 = resnet.stem_channels(c.depth, c.width)
     self.stem = resnet.ResNetStem(c.depth, c.width, c.freeze_at, c.train_bn,
-                                  c.zero_init_residual, dtype)
+                                  c.zero_init_residual, dtype, c.norm_groups)
     self.rpn_head = rpn.RPNHead(ops.num_anchors(c.anchor_sizes,
                                                 c.anchor_ratios),
                                 c.rpn.channels or c4, dtype)
     self.res5 = resnet.ResNetHead(c.depth, c.width, c.train_bn,
-                                  c.zero_init_residual, dtype)
+                                  c.zero_init_residual, dtype, c.norm_groups)
     self.predictor = roi_heads.BoxPredictor(c.embedding_dim,
                                             c.embedding_norm, dtype,
                                             self.axis_name)

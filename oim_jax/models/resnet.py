@@ -79,21 +79,38 @@ def _conv(features, kernel, strides, dtype, name):
 class FrozenBatchNorm(nn.Module):
   """BatchNorm with folded, constant statistics: `x * scale + bias`.
 
+  With `groups > 0` it is GroupNorm instead (Wu & He 2018): each sample's
+  channels are normalised in `groups` groups over (H, W, C/groups) before
+  the same affine. Stateless like the frozen BN, and what lets a small
+  network train from scratch (the synthetic config) without batch
+  statistics.
+
   Attributes:
     trainable: if False (default) the affine gets no gradient.
     zero_init: initialise `scale` to 0 (the last BN of a residual branch, so
       a randomly initialised block starts as the identity; irrelevant once
       ImageNet weights are loaded).
     dtype: compute dtype.
+    groups: 0 = frozen BN (affine only); > 0 = GroupNorm with that many
+      groups (capped at the channel count).
   """
   trainable: bool = False
   zero_init: bool = False
   dtype: Any = jnp.float32
+  groups: int = 0
 
   @nn.compact
   def __call__(self, x):
-    """x: [..., C] -> [..., C]."""
+    """x: [..., H, W, C] -> same shape."""
     c = x.shape[-1]
+    if self.groups > 0:
+      g = min(self.groups, c)
+      y = x.astype(jnp.float32).reshape(x.shape[:-1] + (g, c // g))
+      axes = tuple(range(y.ndim - 4, y.ndim - 2)) + (y.ndim - 1,)
+      mean = jnp.mean(y, axis=axes, keepdims=True)
+      var = jnp.mean(jnp.square(y - mean), axis=axes, keepdims=True)
+      x = ((y - mean) * jax.lax.rsqrt(var + BN_EPSILON)).reshape(
+          x.shape).astype(self.dtype)
     scale = self.param("scale", nn.initializers.zeros if self.zero_init
                        else nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -111,13 +128,14 @@ class BasicBlock(nn.Module):
   train_bn: bool = False
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  norm_groups: int = 0
   expansion = 1
 
   @nn.compact
   def __call__(self, x):
     """x: [N, H, W, Cin] -> [N, H/strides, W/strides, planes]."""
     bn = lambda name, zero=False: FrozenBatchNorm(
-        self.train_bn, zero, self.dtype, name=name)
+        self.train_bn, zero, self.dtype, self.norm_groups, name=name)
     y = _conv(self.planes, 3, self.strides, self.dtype, "conv1")(x)
     y = nn.relu(bn("bn1")(y))
     y = _conv(self.planes, 3, 1, self.dtype, "conv2")(y)
@@ -136,13 +154,14 @@ class Bottleneck(nn.Module):
   train_bn: bool = False
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  norm_groups: int = 0
   expansion = 4
 
   @nn.compact
   def __call__(self, x):
     """x: [N, H, W, Cin] -> [N, H/strides, W/strides, 4 * planes]."""
     bn = lambda name, zero=False: FrozenBatchNorm(
-        self.train_bn, zero, self.dtype, name=name)
+        self.train_bn, zero, self.dtype, self.norm_groups, name=name)
     y = _conv(self.planes, 1, 1, self.dtype, "conv1")(x)
     y = nn.relu(bn("bn1")(y))
     y = _conv(self.planes, 3, self.strides, self.dtype, "conv2")(y)
@@ -157,7 +176,7 @@ class Bottleneck(nn.Module):
 
 
 def _stage(x, depth, width, stage, first_stride, train_bn, zero_init_residual,
-           dtype):
+           dtype, norm_groups=0):
   block_cls = Bottleneck if is_bottleneck(depth) else BasicBlock
   planes = width * 2 ** (stage - 1)
   for b in range(STAGE_BLOCKS[depth][stage - 1]):
@@ -166,7 +185,7 @@ def _stage(x, depth, width, stage, first_stride, train_bn, zero_init_residual,
     downsample = b == 0 and (strides != 1 or
                              x.shape[-1] != planes * block_cls.expansion)
     x = block_cls(planes, strides, downsample, train_bn, zero_init_residual,
-                  dtype, name=f"layer{stage}_{b}")(x)
+                  dtype, norm_groups, name=f"layer{stage}_{b}")(x)
   return x
 
 
@@ -181,6 +200,7 @@ class ResNetStem(nn.Module):
     train_bn: let the folded BN affine learn (for training from scratch).
     zero_init_residual: zero-init the last BN scale of each block.
     dtype: compute dtype (parameters stay float32).
+    norm_groups: 0 = frozen BN; > 0 = GroupNorm (see FrozenBatchNorm).
   """
   depth: int = 50
   width: int = 64
@@ -188,6 +208,7 @@ class ResNetStem(nn.Module):
   train_bn: bool = False
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  norm_groups: int = 0
 
   @nn.compact
   def __call__(self, x):
@@ -196,13 +217,13 @@ class ResNetStem(nn.Module):
     x = x.astype(self.dtype)
     x = _conv(self.width, 7, 2, self.dtype, "conv1")(x)
     x = nn.relu(FrozenBatchNorm(self.train_bn, False, self.dtype,
-                                name="bn1")(x))
+                                self.norm_groups, name="bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
     for stage, stride in ((1, 1), (2, 2), (3, 2)):
       x = _stage(x, self.depth, self.width, stage, stride, self.train_bn,
-                 self.zero_init_residual, self.dtype)
+                 self.zero_init_residual, self.dtype, self.norm_groups)
       if self.freeze_at >= stage + 1:
         x = jax.lax.stop_gradient(x)
     return x
@@ -219,12 +240,14 @@ class ResNetHead(nn.Module):
   train_bn: bool = False
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  norm_groups: int = 0
 
   @nn.compact
   def __call__(self, x):
     """x: [K, h, w, C4] -> pooled [K, C5] in float32."""
     x = _stage(x.astype(self.dtype), self.depth, self.width, 4, 2,
-               self.train_bn, self.zero_init_residual, self.dtype)
+               self.train_bn, self.zero_init_residual, self.dtype,
+               self.norm_groups)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 

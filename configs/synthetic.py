@@ -1,8 +1,15 @@
 """The built-in synthetic dataset: the default that runs everywhere.
 
-A tiny ResNet (18-layer layout, width 8, from scratch) on small scenes,
-sized to learn on a 2-core CPU in minutes. The dataset is generated into
+A small ResNet (18-layer layout, width 16, GroupNorm, from scratch, Adam) on
+small scenes, sized for a 2-core CPU. The dataset is generated into
 data.root on first use (oim_jax/data/synthetic.py).
+
+Why these choices (measured, see the issue notes): at width 8 the detector
+could not even fit 16 training images (10 % recall after 400 steps) while
+width 16 reached 66 %; without normalisation layers a from-scratch network
+maps every RoI to nearly the same embedding and OIM stalls at log(L+Q), hence
+GroupNorm in the backbone and the BatchNorm neck (preset "tiny"); pedestrian
+anchors (h/w = 1, 2, 3) give the RPN usable proposals early.
 
   python train.py --config=configs/synthetic.py --workdir=runs/demo
 """
@@ -29,15 +36,22 @@ def get_config():
       min_person_height=40, max_person_height=160, image_scale=1.0,
       gallery_sizes=(50, 100), jpeg_quality=90)
   c.model = person_search.default_model_config("tiny")
+  c.model.width = 16
+  c.model.norm_groups = 4
+  c.model.anchor_sizes = (32, 64, 128, 256)
+  c.model.anchor_ratios = (1.0, 2.0, 3.0)  # h / w: standing people
+  c.model.rpn.post_nms_top_n_test = 100
   c.oim.num_labeled = 120
   c.oim.queue_size = 500
   c.train.batch_size = 4
-  c.train.epochs = 12
-  c.train.lr = 0.02
+  c.train.epochs = 16
+  c.train.optimizer = "adam"
+  c.train.lr = 1e-3
   c.train.warmup_epochs = 0.5
-  c.train.lr_milestones = (9,)
+  c.train.lr_milestones = (12,)
   c.train.log_every = 10
   c.train.checkpoint_every = 200
   c.eval.gallery_size = 50
+  c.eval.every_steps = 480  # 4 epochs: the mAP curve in curves.png
   c.eval.batch_size = 8
   return c

@@ -32,6 +32,9 @@ SCRIPT = textwrap.dedent("""
 
     config = tiny_train_config(sys.argv[1])
     config.train.batch_size = 8
+    # SGD: parameter differences then mirror gradient differences (Adam's
+    # m / sqrt(v) would blow float noise in ~0 gradients up to lr-sized steps).
+    config.train.optimizer, config.train.lr = "sgd", 0.01
     dataset = datasets.load_dataset(config.data)
     it = pipeline.TrainIterator(
         pipeline.source_for(dataset, "train"), batch_size=8, seed=0,

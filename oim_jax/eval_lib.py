@@ -15,7 +15,6 @@ from typing import Any, Optional, Sequence
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

@@ -23,7 +23,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from oim_jax import checkpointing
 from oim_jax import oim

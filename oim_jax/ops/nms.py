@@ -19,7 +19,6 @@ The loop stops as soon as ``max_output`` boxes are kept or the valid
 (sorted-first) boxes run out, so the cost follows the work actually needed.
 """
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

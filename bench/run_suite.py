@@ -225,6 +225,11 @@ def run_all(args) -> dict:
           "experiment: train resnet50 b1 f32, 1x1 convs as dots", [
               "bench/conv_experiment.py", "--what", "train", "--dot_1x1",
               "1", "--iters", "2"])
+      res["exp_dot1x1_im2col_train"] = runner.run(
+          "experiment: train resnet50 b1 f32, 1x1 as dots + 3x3 wgrad "
+          "im2col", ["bench/conv_experiment.py", "--what", "train",
+                     "--dot_1x1", "1", "--im2col_wgrad_3x3", "1", "--iters",
+                     "2"])
       if "breakdown" not in skip:
         res["exp_dot1x1_parts"] = runner.run(
             "experiment: stem/res5 fwd+bwd, 1x1 convs as dots", [
@@ -495,6 +500,13 @@ def markdown(suite: dict) -> str:
       lines.append(f"| train step (real, batch 1) | {jt['step_s']:.2f} | "
                    f"{ex['step_s']:.2f} | {jt['step_s'] / ex['step_s']:.2f}x"
                    f" | {_f(ts)} |")
+    ex2 = (recs.get("experiment: train resnet50 b1 f32, 1x1 as dots + 3x3 "
+                    "wgrad im2col") or {}).get("result")
+    if ex2 and jt:
+      lines.append(f"| train step, + 3x3 weight gradients as im2col matmuls"
+                   f" | {jt['step_s']:.2f} | {ex2['step_s']:.2f} | "
+                   f"{jt['step_s'] / ex2['step_s']:.2f}x | "
+                   f"{_f((t or {}).get('train_s'))} |")
     for part in ("stem_fwd_bwd", "res5_fwd_bwd"):
       if exp and bd and part in exp and part in bd:
         ts = (tp or {}).get(part)

@@ -89,3 +89,18 @@ def test_group_norm_mode_matches_numpy():
           block.var() + 1e-5)
   want = want * scale + bias
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_conv1x1_matmul_equals_convolution(strides):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 7, 9, 6)), jnp.float32)
+  module = resnet.Conv1x1(5, strides)
+  params = module.init(jax.random.PRNGKey(0), x)
+  kernel = params["params"]["kernel"]
+  assert kernel.shape == (1, 1, 6, 5)
+  want = jax.lax.conv_general_dilated(
+      x, kernel, (strides, strides), ((0, 0), (0, 0)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(module.apply(params, x), want, rtol=1e-5,
+                             atol=1e-5)

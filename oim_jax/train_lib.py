@@ -184,16 +184,23 @@ def _fmt_eta(seconds: float) -> str:
   return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def _count_compilations():
-  """A counter of XLA compilations, read through jax.monitoring events."""
-  counter = {"n": 0}
+class _CompileCounter:
+  """Counts XLA compilations (jax.monitoring events) while registered."""
 
-  def listener(event, duration, **kwargs):
+  def __init__(self):
+    self.n = 0
+
+  def _listener(self, event, duration, **kwargs):
     del duration, kwargs
     if event == "/jax/core/compile/backend_compile_duration":
-      counter["n"] += 1
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  return counter
+      self.n += 1
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
 def _check_config(config: ml_collections.ConfigDict):
@@ -276,9 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     loader.set_state(meta["pipeline"])
     history.truncate_after(start_step)
     logging.info("Resumed from step %d (%s).", start_step, ckpt.directory)
-  host_state = state
   state = parallel.put_replicated(state, mesh, mode)
-  del host_state
 
   step_traces = {"n": 0}
   loss_fn = functools.partial(person_search.loss_fn, model, config)
@@ -290,12 +295,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   p_step = parallel.data_parallel(per_device, mode, mesh)
   writer = _summary_writer(workdir)
-  compiles = _count_compilations()
 
   log_every = max(1, config.train.log_every)
   ckpt_every = config.train.checkpoint_every
   window, window_start, pending = [], time.time(), None
-  t_first = None
   last = {}
   batch_images = config.train.batch_size
 
@@ -314,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                  sec_per_step=sec_per_step,
                  images_per_sec=batch_images / max(sec_per_step, 1e-9),
                  step_compilations=step_traces["n"],
-                 compilations=compiles["n"])
+                 compilations=compiles.n)
     eta = sec_per_step * (total_steps - step_done)
     if jax.process_index() == 0:
       logging.info(
@@ -365,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   eval_every = config.eval.every_steps
   step = start_step
-  with _Preemption() as preempt:
+  with _Preemption() as preempt, _CompileCounter() as compiles:
     try:
       while step < total_steps:
         batch = next(loader)
@@ -382,8 +385,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           if pending[0] % log_every == 0:
             flush(pending[0], window)
             window = []
-        if t_first is None:
-          t_first = time.time()
         pending = (step, metrics)
         save_now = (ckpt_every > 0 and step % ckpt_every == 0) or preempt.requested
         if save_now or step == total_steps:

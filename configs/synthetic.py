@@ -9,7 +9,8 @@ could not even fit 16 training images (10 % recall after 400 steps) while
 width 16 reached 66 %; without normalisation layers a from-scratch network
 maps every RoI to nearly the same embedding and OIM stalls at log(L+Q), hence
 GroupNorm in the backbone and the BatchNorm neck (preset "tiny"); pedestrian
-anchors (h/w = 1, 2, 3) give the RPN usable proposals early.
+anchors (h/w = 1, 2, 3) give the RPN usable proposals early; a re-id loss
+weight of 0.1 leaves the detector room to learn.
 
   python train.py --config=configs/synthetic.py --workdir=runs/demo
 """
@@ -41,6 +42,10 @@ def get_config():
   c.model.anchor_sizes = (32, 64, 128, 256)
   c.model.anchor_ratios = (1.0, 2.0, 3.0)  # h / w: standing people
   c.model.rpn.post_nms_top_n_test = 100
+  # The OIM loss (~10 early on, vs ~0.6 for detection) otherwise owns the
+  # shared features: at step 1440, reid weight 1 gave det AP 10.8 / mAP 4.3,
+  # weight 0.1 det AP 47.6 / mAP 12.3.
+  c.model.loss_weights.reid = 0.1
   c.oim.num_labeled = 120
   c.oim.queue_size = 500
   c.train.batch_size = 4

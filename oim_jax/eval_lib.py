@@ -103,15 +103,23 @@ class Inference:
 
 
 def run_inference(config: ml_collections.ConfigDict, params: Any,
-                  dataset: SearchDataset):
+                  dataset: SearchDataset,
+                  inference: Optional[Inference] = None):
   """Detects + embeds every gallery image; embeds every query box.
+
+  Args:
+    config, params, dataset: what to run.
+    inference: an Inference to reuse (its compiled functions are kept, its
+      params replaced), e.g. across evaluations during training.
 
   Returns:
     (detections {name: (boxes[n,4], scores[n], embeddings[n,D])} in original
     image pixels, query_embeddings [num_queries, D]).
   """
   from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  inference = Inference(config, params)
+  if inference is None:
+    inference = Inference(config, params)
+  inference.params = params
   detections = inference.detect(dataset.gallery, "gallery")
   query_emb = inference.embed(pipeline.query_annotations(dataset.queries),
                               "queries")
@@ -131,8 +139,12 @@ def _progress(batches, total, what):
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              params: Any = None, dataset: Optional[SearchDataset] = None,
              step: Optional[int] = None,
-             from_saved: bool = False) -> dict[str, Any]:
-  """Runs (or reloads) inference and scores it; writes DIR/eval/metrics.json."""
+             from_saved: bool = False,
+             inference: Optional[Inference] = None) -> dict[str, Any]:
+  """Runs (or reloads) inference and scores it; writes DIR/eval/metrics.json.
+
+  `inference` (optional) is reused instead of compiling a new one.
+  """
   from oim_jax.data import datasets as data_lib  # pylint: disable=g-import-not-at-top
 
   out_dir = os.path.join(workdir, "eval")
@@ -149,7 +161,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     if params is None:
       params, step = restore_params(config, workdir, step)
-    detections, query_emb = run_inference(config, params, dataset)
+    detections, query_emb = run_inference(config, params, dataset, inference)
     evaluation.save_results(raw_path, detections, query_emb)
 
   c = config.eval

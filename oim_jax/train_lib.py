@@ -352,12 +352,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         "opt_state": parallel.unreplicate(state.opt_state, mode),
         "oim": parallel.unreplicate(state.oim, mode)}, meta, force=force)
 
+  inference = []  # one eval_lib.Inference, compiled once, reused
+
   def run_eval(step_done: int) -> dict[str, Any]:
     from oim_jax import eval_lib  # pylint: disable=g-import-not-at-top
     variables = parallel.unreplicate(
         {"params": state.params, **state.model_state}, mode)
+    if not inference:
+      inference.append(eval_lib.Inference(config, variables))
     metrics = eval_lib.evaluate(config, workdir, params=variables,
-                                dataset=dataset, step=step_done)
+                                dataset=dataset, step=step_done,
+                                inference=inference[0])
     if jax.process_index() == 0:
       for k, v in metrics.items():
         writer.add_scalar(f"eval/{k}", v, step_done)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -126,7 +127,19 @@ def run_inference(config: ml_collections.ConfigDict, params: Any,
   return detections, query_emb
 
 
-def _progress(batches, total, what):
+def _progress(batches, total, what, interactive=None):
+  """Yields `batches`, showing progress: a tqdm bar on a terminal, else a log
+  line every 10 batches (log files stay readable)."""
+  if interactive is None:
+    interactive = sys.stderr.isatty()
+  if interactive:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    with tqdm.tqdm(total=total, desc=what, unit="batch",
+                   dynamic_ncols=True) as bar:
+      for batch in batches:
+        yield batch
+        bar.update(1)
+    return
   t0 = time.time()
   for i, batch in enumerate(batches):
     yield batch
@@ -134,6 +147,27 @@ def _progress(batches, total, what):
       rate = (i + 1) * len(batch["index"]) / max(time.time() - t0, 1e-9)
       logging.info("%s: batch %d/%d (%.1f images/s)", what, i + 1, total,
                    rate)
+
+
+def _subset_metrics(dataset, detections, query_emb, eval_config) -> dict:
+  """CUHK-SYSU occlusion / resolution subsets, when their files are present.
+
+  Keys "occlusion_mAP", "occlusion_top1", ... (empty for other datasets).
+  """
+  from oim_jax.data import cuhk_sysu  # pylint: disable=g-import-not-at-top
+  if not dataset.protocols or not os.path.isdir(dataset.root):
+    return {}
+  out = {}
+  for name in cuhk_sysu.QUERY_SUBSETS:
+    subset = cuhk_sysu.load_query_subset(dataset, name)
+    if subset is None:
+      continue
+    indices, view = subset
+    result = evaluation.evaluate_search(
+        view, detections, np.asarray(query_emb)[indices],
+        gallery_size=max(view.protocols), det_thresh=eval_config.det_thresh)
+    out.update({f"{name}_{k}": v for k, v in result.items()})
+  return out
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -176,6 +210,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
                                           det_thresh=c.det_thresh,
                                           labeled_only=True)
   metrics["det_recall_labeled"] = labeled["recall"]
+  metrics.update(_subset_metrics(dataset, detections, query_emb, c))
   metrics = {k: float(v) for k, v in metrics.items()}
   record = {"dataset": dataset.name, "gallery_size": c.gallery_size,
             "step": step, **metrics}

@@ -291,3 +291,54 @@ def test_wrong_layout(root):
                    {"pool": _cell(POOL, (len(POOL), 1))})
   with pytest.raises(DatasetFormatError, match="Images.mat.*imname"):
     cuhk_sysu.load(root)
+
+
+def _write_subset(root, file, var, queries, galleries):
+  path = root / "annotation" / "test" / "train_test" / file
+  _write_protocol(path, 0, queries, galleries)
+  mat = scipy.io.loadmat(path)
+  scipy.io.savemat(path, {var: mat["TestG0"]})  # The subset's own name.
+
+
+def test_query_subsets(root):
+  ds = cuhk_sysu.load(root)
+  assert cuhk_sysu.load_query_subset(ds, "occlusion") is None  # No file.
+  with pytest.raises(ValueError, match="occlusion"):
+    cuhk_sysu.load_query_subset(ds, "blur")
+  # Query 1 only, with a gallery that is not its TestG one (no s1.jpg).
+  _write_subset(root, "Occlusion.mat", "Occlusion1", [QUERIES[1]],
+                [[("s6.jpg", [30, 30, 5, 5]), ("s5.jpg", None)]])
+  indices, view = cuhk_sysu.load_query_subset(ds, "occlusion")
+  assert indices.tolist() == [1]
+  assert view.queries[0] is ds.queries[1]
+  assert _entries(view.gallery_for(0, 2)) == [("s6.jpg", [30, 30, 35, 35]),
+                                              ("s5.jpg", None)]
+  # Hand case: the true match (s6) ranks second behind a distractor in s5;
+  # a better-scoring distractor in s1 is outside the subset's gallery.
+  from oim_jax import eval_lib, evaluation  # pylint: disable=g-import-not-at-top
+  det = lambda box, e: (_f32(box), np.array([0.9], np.float32),
+                        np.array([e], np.float32))
+  detections = {"s6.jpg": det([30, 30, 35, 35], [0.6, 0.8]),
+                "s5.jpg": det([7, 7, 14, 14], [0.8, 0.6]),
+                "s1.jpg": det([1, 2, 4, 6], [1.0, 0.0])}
+  query_emb = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)
+  r = evaluation.evaluate_search(view, detections, query_emb[indices],
+                                 gallery_size=2)
+  assert r["mAP"] == pytest.approx(0.5) and r["top1"] == 0.0
+  assert r["top5"] == 1.0
+  # eval.py's metrics: one entry per subset file present.
+  _write_subset(root, "Resolution.mat", "Test_Size", QUERIES,
+                [[("s4.jpg", [20, 20, 10, 10])],
+                 [("s6.jpg", [30, 30, 5, 5])]])
+  class Cfg:  # pylint: disable=too-few-public-methods
+    det_thresh = 0.5
+  m = eval_lib._subset_metrics(ds, detections, query_emb, Cfg)  # pylint: disable=protected-access
+  assert m["occlusion_mAP"] == pytest.approx(0.5)
+  # Resolution: query 0 has no detection at s4 (AP 0), query 1 finds s6.
+  assert m["resolution_mAP"] == pytest.approx(0.5)
+  assert m["resolution_top1"] == pytest.approx(0.5)
+  # A query that is not one of the dataset's is rejected, naming the file.
+  _write_subset(root, "Occlusion.mat", "Occlusion1", [("s5.jpg", [7, 7, 7, 7])],
+                [[("s6.jpg", None)]])
+  with pytest.raises(DatasetFormatError, match="Occlusion.mat: query 0"):
+    cuhk_sysu.load_query_subset(ds, "occlusion")

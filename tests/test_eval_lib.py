@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from oim_jax import eval_lib
 from oim_jax import evaluation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,3 +71,17 @@ def test_train_then_eval_py_from_checkpoint(tiny_synthetic_root,
     again = json.load(f)
   for key in ("mAP", "top1", "det_ap"):
     np.testing.assert_allclose(again[key], metrics[key], atol=1e-9)
+
+
+def test_progress_bar_and_log_lines(capsys):
+  batches = [{"index": np.arange(4)} for _ in range(12)]
+  # On a terminal: a tqdm bar on stderr, every batch passed through.
+  out = list(eval_lib._progress(iter(batches), 12, "gallery",  # pylint: disable=protected-access
+                                interactive=True))
+  assert len(out) == 12
+  err = capsys.readouterr().err
+  assert "gallery" in err and "12/12" in err
+  # Otherwise (log files): the same batches, no bar.
+  out = list(eval_lib._progress(iter(batches), 12, "gallery",  # pylint: disable=protected-access
+                                interactive=False))
+  assert len(out) == 12 and "12/12" not in capsys.readouterr().err

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from oim_jax.models import roi_heads
 
@@ -74,6 +75,36 @@ def test_predictor_and_losses_vs_numpy():
   ref_r = sl1[labels == 1].sum() / used.sum()
   np.testing.assert_allclose(c, ref_c, rtol=1e-5)
   np.testing.assert_allclose(r, ref_r, rtol=1e-5)
+
+
+def test_predictor_det_features_vs_numpy():
+  x = jax.random.normal(jax.random.PRNGKey(0), (5, 3, 3, 4))
+  for mode in ("pooled", "spatial"):
+    pred = roi_heads.BoxPredictor(embedding_dim=6, det_features=mode)
+    params = pred.init(jax.random.PRNGKey(1), x)["params"]
+    cls, deltas, emb = pred.apply({"params": params}, x)
+    xn = np.asarray(x, np.float64)
+    pooled = xn.mean(axis=(1, 2))
+    det = pooled if mode == "pooled" else xn.reshape(5, -1)
+    lin = lambda name, v: (v @ np.asarray(params[name]["kernel"]) +
+                           np.asarray(params[name]["bias"]))
+    np.testing.assert_allclose(cls, lin("cls_score", det), rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(deltas, lin("bbox_pred", det), rtol=1e-4,
+                               atol=1e-7)
+    # The embedding always comes from the pooled vector.
+    e = lin("embedding", pooled)
+    np.testing.assert_allclose(emb, e / np.linalg.norm(e, axis=1,
+                                                       keepdims=True),
+                               rtol=1e-4, atol=1e-6)
+  # The spatial kernel sees every cell: [h*w*C, 2].
+  assert params["cls_score"]["kernel"].shape == (36, 2)
+  spatial = roi_heads.BoxPredictor(embedding_dim=6, det_features="spatial")
+  with pytest.raises(ValueError, match="res5 map"):
+    spatial.init(jax.random.PRNGKey(1), x.mean(axis=(1, 2)))
+  bad = roi_heads.BoxPredictor(embedding_dim=6, det_features="flat")
+  with pytest.raises(ValueError, match="det_features"):
+    bad.init(jax.random.PRNGKey(1), x)
 
 
 def test_postprocess():

@@ -51,8 +51,9 @@ from oim_jax.data._matio import DatasetFormatError, DatasetNotFoundError
 from oim_jax.data.dataset import (GalleryEntry, ImageAnnotation, Query,
                                   SearchDataset)
 
-__all__ = ["load", "DatasetFormatError", "DatasetNotFoundError",
-           "EXPECTED_COUNTS", "PROTOCOL_SIZES"]
+__all__ = ["load", "load_query_subset", "DatasetFormatError",
+           "DatasetNotFoundError", "EXPECTED_COUNTS", "PROTOCOL_SIZES",
+           "QUERY_SUBSETS"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ HOW_TO_GET = (
 EXPECTED_COUNTS = dict(train_images=11206, train_ids=5532,
                        gallery_images=6978, queries=2900)
 PROTOCOL_SIZES = (50, 100, 500, 1000, 2000, 4000)
+# Query subsets of the CUHK-SYSU paper's analysis: name -> file.
+QUERY_SUBSETS = {"occlusion": "Occlusion.mat", "resolution": "Resolution.mat"}
 
 _IMAGES = os.path.join("annotation", "Images.mat")
 _POOL = os.path.join("annotation", "pool.mat")
@@ -188,15 +191,23 @@ def _read_train(path: str) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
   return identities
 
 
-def _read_protocol(path: str, size: int):
-  """TestG{size}.mat -> (queries, galleries).
+def _read_protocol(path: str, size: Optional[int]):
+  """TestG{size}.mat (size None: the file's only variable) -> lists.
 
   Returns:
     queries: [(image name, int xywh[4])] per query.
     galleries: per query, [(image name, int xywh[4] or None)].
   """
-  var = f"TestG{size}"
   mat = _matio.load_mat(path, "CUHK-SYSU protocol file", HOW_TO_GET)
+  if size is None:
+    names = [k for k in mat if not k.startswith("__")]
+    if len(names) != 1:
+      raise DatasetFormatError(
+          f"{path}: expected one variable (a TestG-layout struct array), "
+          f"found {sorted(names)}.")
+    var = names[0]
+  else:
+    var = f"TestG{size}"
   protocol = _matio.get_var(mat, path, [var])
   queries, galleries = [], []
   try:
@@ -249,6 +260,55 @@ def _load_other_protocol(path: str, size: int,
         "images/boxes); all protocol files must come from one dataset copy.")
   log.info("Loaded CUHK-SYSU protocol %s.", path)
   return _protocol_entries(galleries)
+
+
+def load_query_subset(dataset: SearchDataset, name: str
+                      ) -> Optional[tuple[np.ndarray, SearchDataset]]:
+  """A CUHK-SYSU query subset ("occlusion" / "resolution"), if its file exists.
+
+  Args:
+    dataset: the loaded CUHK-SYSU dataset (its root holds the file).
+    name: a key of QUERY_SUBSETS.
+  Returns:
+    None when the file is absent, else (indices int64 [S] into
+    dataset.queries, view): `view` is a SearchDataset with the same gallery,
+    the S subset queries and one protocol, {N: the file's gallery lists}
+    (N = the longest list), to pass to `evaluation.evaluate_search` with
+    `gallery_size=N` and the query embeddings `emb[indices]`.
+  Raises:
+    DatasetFormatError: unreadable file, or a query that is not one of the
+      dataset's queries.
+  """
+  if name not in QUERY_SUBSETS:
+    raise ValueError(f"unknown CUHK-SYSU query subset {name!r}; use one of "
+                     f"{sorted(QUERY_SUBSETS)}")
+  path = os.path.join(dataset.root, _PROTOCOL_DIR, QUERY_SUBSETS[name])
+  if not os.path.isfile(path):
+    return None
+  queries, galleries = _read_protocol(path, None)
+  where = {(q.name, tuple(np.asarray(q.box, np.float32).tolist())): k
+           for k, q in enumerate(dataset.queries)}
+  indices = []
+  for k, (image, xywh) in enumerate(queries):
+    box = _to_xyxy(xywh[None].astype(np.float32))[0]
+    key = (image, tuple(box.astype(np.float32).tolist()))
+    if key not in where:
+      raise DatasetFormatError(
+          f"{path}: query {k} ({image}, box x,y,w,h {xywh.tolist()}) is not "
+          "one of the queries of the TestG files; the subset file and the "
+          "protocol files must come from one dataset copy.")
+    indices.append(where[key])
+  indices = np.asarray(indices, np.int64)
+  size = max((len(g) for g in galleries), default=0)
+  view = SearchDataset(
+      name=f"{dataset.name}/{name}", root=dataset.root, train=[],
+      gallery=dataset.gallery,
+      queries=[dataset.queries[k] for k in indices],
+      num_train_ids=dataset.num_train_ids,
+      protocols={size: _protocol_entries(galleries)})
+  log.info("CUHK-SYSU %s subset: %d queries, galleries of up to %d images "
+           "(%s).", name, len(indices), size, path)
+  return indices, view
 
 
 class _LazyProtocols(dict):

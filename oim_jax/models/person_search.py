@@ -83,6 +83,9 @@ def default_model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
   c.roi.bg_iou = 0.5  # RoI bg iff bg_iou_lo <= IoU < 0.5
   c.roi.bg_iou_lo = 0.0
   c.roi.pool_size = 14  # RoIAlign output (res5 halves it to 7)
+  # Input of the person classifier / box regressor: "pooled" (the paper) or
+  # "spatial" (flattened res5 map; needed from scratch, see roi_heads.py).
+  c.roi.det_features = "pooled"
   c.roi.sampling_ratio = 2
   c.roi.aligned = False  # torchvision RoIAlign `aligned`
   c.roi.score_thresh = 0.5  # test: person score threshold
@@ -136,10 +139,12 @@ class PersonSearch(nn.Module):
                                                 c.anchor_ratios),
                                 c.rpn.channels or c4, dtype)
     self.res5 = resnet.ResNetHead(c.depth, c.width, c.train_bn,
-                                  c.zero_init_residual, dtype, c.norm_groups)
+                                  c.zero_init_residual, dtype, c.norm_groups,
+                                  pool=False)
     self.predictor = roi_heads.BoxPredictor(c.embedding_dim,
                                             c.embedding_norm, dtype,
-                                            self.axis_name)
+                                            self.axis_name,
+                                            c.roi.det_features)
     if self.num_softmax_classes:
       self.reid_classifier = oim.SoftmaxClassifier(self.num_softmax_classes)
 
@@ -173,7 +178,7 @@ class PersonSearch(nn.Module):
                         jax.lax.stop_gradient(deltas), valid, image_size)
 
   def box_features(self, c4, boxes):
-    """C4 [B, h, w, C], boxes [B, K, 4] -> pooled res5 features [B*K, C5]."""
+    """C4 [B, h, w, C], boxes [B, K, 4] -> res5 maps [B*K, h5, w5, C5]."""
     c = self.config.roi
     b, k = boxes.shape[:2]
     idx = jnp.repeat(jnp.arange(b, dtype=jnp.int32), k)

@@ -260,6 +260,10 @@ class ResNetHead(nn.Module):
 
   [K, h, w, C4] -> [K, C5] (C5 = 2048 for ResNet-50). The first block has
   stride 2 (14x14 RoI features -> 7x7), as in the paper.
+
+  Attributes:
+    pool: average-pool to [K, C5] (True) or return the map [K, h/2, w/2, C5]
+      (the caller pools; the detection predictor may keep the layout).
   """
   depth: int = 50
   width: int = 64
@@ -267,14 +271,16 @@ class ResNetHead(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   norm_groups: int = 0
+  pool: bool = True
 
   @nn.compact
   def __call__(self, x):
-    """x: [K, h, w, C4] -> pooled [K, C5] in float32."""
+    """x: [K, h, w, C4] -> pooled [K, C5] (or [K, h/2, w/2, C5]) float32."""
     x = _stage(x.astype(self.dtype), self.depth, self.width, 4, 2,
                self.train_bn, self.zero_init_residual, self.dtype,
                self.norm_groups)
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    x = x.astype(jnp.float32)
+    return jnp.mean(x, axis=(1, 2)) if self.pool else x
 
 
 def _is_bn(name: str) -> bool:

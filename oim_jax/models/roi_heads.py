@@ -55,7 +55,7 @@ def sample_rois(proposals, proposal_valid, gt_boxes, gt_pids, gt_valid, key,
 
 
 class BoxPredictor(nn.Module):
-  """Pooled res5 features -> person logits, box deltas, identity embedding.
+  """res5 RoI features -> person logits, box deltas, identity embedding.
 
   Attributes:
     embedding_dim: D (256).
@@ -64,6 +64,10 @@ class BoxPredictor(nn.Module):
       batch statistics of the sampled RoIs in training, synchronised over
       `axis_name`, running averages in the `batch_stats` collection at test
       time); or "layernorm" (stateless, per embedding).
+    det_features: what the person classifier and the box regressor see:
+      "pooled" (the paper: the average-pooled res5 vector, like the
+      embedding) or "spatial" (the flattened res5 map, [h*w*C]). The
+      embedding is always computed from the pooled vector.
     dtype: compute dtype; outputs are float32.
     axis_name: data-parallel axis for synchronised BN statistics, or None.
   """
@@ -71,21 +75,42 @@ class BoxPredictor(nn.Module):
   embedding_norm: str = "none"
   dtype: Any = jnp.float32
   axis_name: Any = None
+  det_features: str = "pooled"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    """x: [K, C] -> (cls_logits [K, 2], deltas [K, 4], embeddings [K, D]).
+    """x: [K, C] or [K, h, w, C] -> (cls [K, 2], deltas [K, 4], emb [K, D]).
 
-    `train` selects batch statistics (and their running-average update) for
-    the BatchNorm neck; it has no other effect.
+    A pooled input [K, C] needs det_features="pooled". `train` selects batch
+    statistics (and their running-average update) for the BatchNorm neck; it
+    has no other effect.
     """
+    pooled = x if x.ndim == 2 else jnp.mean(x, axis=(1, 2))
+    if self.det_features == "pooled":
+      det, scale = pooled, 1.0
+    elif self.det_features == "spatial":
+      if x.ndim != 4:
+        raise ValueError("det_features='spatial' needs the res5 map "
+                         f"[K, h, w, C], got {x.shape}")
+      # Where the person sits inside the RoI: what the average pool throws
+      # away and a from-scratch network cannot encode in its channels (on
+      # the synthetic data, 16 overfit images: det AP 0.60 pooled, 0.95
+      # spatial).
+      det = x.reshape(x.shape[0], -1)
+      # Same initial logit scale as the pooled vector's (h*w times the
+      # inputs).
+      scale = float(x.shape[1] * x.shape[2]) ** -0.5
+    else:
+      raise ValueError(f"model.roi.det_features={self.det_features!r}: use "
+                       "'pooled' or 'spatial'")
     dense = lambda n, std, name: nn.Dense(
         n, kernel_init=nn.initializers.normal(std), dtype=self.dtype,
         param_dtype=jnp.float32, name=name)
-    x = x.astype(self.dtype)
-    cls = dense(2, 0.01, "cls_score")(x).astype(jnp.float32)
-    deltas = dense(4, 0.001, "bbox_pred")(x).astype(jnp.float32)
-    emb = dense(self.embedding_dim, 0.01, "embedding")(x).astype(jnp.float32)
+    det = det.astype(self.dtype)
+    cls = dense(2, 0.01 * scale, "cls_score")(det).astype(jnp.float32)
+    deltas = dense(4, 0.001 * scale, "bbox_pred")(det).astype(jnp.float32)
+    emb = dense(self.embedding_dim, 0.01, "embedding")(
+        pooled.astype(self.dtype)).astype(jnp.float32)
     if self.embedding_norm == "layernorm":
       emb = nn.LayerNorm(name="embedding_norm")(emb)
     elif self.embedding_norm == "batchnorm":

@@ -32,14 +32,23 @@ class Match:
 
 
 def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config train.py stored in DIR/config.json."""
+  """The resolved config train.py stored in DIR/config.json.
+
+  Read onto `config_defaults.base_config()`: a field added to the code after
+  the run was trained takes its default (which keeps the old behaviour), so
+  older workdirs keep working.
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"{path} not found: pass --config=<the training config> or point "
         "--workdir at a directory written by train.py.")
+  from oim_jax import config_defaults  # pylint: disable=g-import-not-at-top
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    stored = json.load(f)
+  config = config_defaults.base_config()
+  config.update(stored)
+  return config
 
 
 def gallery_images(folder: str) -> list[str]:

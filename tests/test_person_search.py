@@ -192,6 +192,13 @@ def test_bad_config_errors():
     ps.create_model(config)
   with pytest.raises(ValueError, match="preset"):
     ps.default_model_config("resnet9000")
+  for field, value in (("stride", 4), ("embedding_bn_rois", "fg"),
+                       ("roi.det_features", "flat"),
+                       ("roi.embedding_features", "avg")):
+    config = _config()
+    config.update_from_flattened_dict({f"model.{field}": value})
+    with pytest.raises(ValueError, match=f"config.model.{field}="):
+      ps.create_model(config)
 
 
 @pytest.mark.slow

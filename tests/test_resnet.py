@@ -40,6 +40,23 @@ def test_shapes_and_dtypes(dtype):
   assert np.isfinite(np.asarray(pooled)).all()
 
 
+def test_stride_8_keeps_res4_resolution_and_parameters():
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 70, 100, 3))
+  s16 = resnet.ResNetStem(depth=18, width=8)
+  s8 = resnet.ResNetStem(depth=18, width=8, stride=8)
+  v16 = s16.init(jax.random.PRNGKey(1), x)
+  v8 = s8.init(jax.random.PRNGKey(1), x)
+  # Same parameters (ImageNet weights load into either).
+  assert (jax.tree_util.tree_map(jnp.shape, v16) ==
+          jax.tree_util.tree_map(jnp.shape, v8))
+  b = np.asarray(s8.apply(v16, x))
+  assert b.shape == (1, 9, 13, 32) and np.isfinite(b).all()  # ceil(70/8) ...
+  assert s16.apply(v16, x).shape == (1, 5, 7, 32)
+  with pytest.raises(ValueError, match="model.stride"):
+    resnet.ResNetStem(depth=18, width=8, stride=4).init(
+        jax.random.PRNGKey(1), x)
+
+
 def test_freeze_at_and_frozen_bn_get_zero_gradient():
   stem = resnet.ResNetStem(depth=18, width=4, freeze_at=2)
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 32, 32, 3))

@@ -79,32 +79,59 @@ def test_predictor_and_losses_vs_numpy():
 
 def test_predictor_det_features_vs_numpy():
   x = jax.random.normal(jax.random.PRNGKey(0), (5, 3, 3, 4))
-  for mode in ("pooled", "spatial"):
-    pred = roi_heads.BoxPredictor(embedding_dim=6, det_features=mode)
+  for mode, emb_mode in (("pooled", "pooled"), ("spatial", "pooled"),
+                         ("pooled", "spatial")):
+    pred = roi_heads.BoxPredictor(embedding_dim=6, det_features=mode,
+                                  embedding_features=emb_mode)
     params = pred.init(jax.random.PRNGKey(1), x)["params"]
     cls, deltas, emb = pred.apply({"params": params}, x)
     xn = np.asarray(x, np.float64)
-    pooled = xn.mean(axis=(1, 2))
-    det = pooled if mode == "pooled" else xn.reshape(5, -1)
+    feats = {"pooled": xn.mean(axis=(1, 2)), "spatial": xn.reshape(5, -1)}
+    det, pooled = feats[mode], feats[emb_mode]
     lin = lambda name, v: (v @ np.asarray(params[name]["kernel"]) +
                            np.asarray(params[name]["bias"]))
     np.testing.assert_allclose(cls, lin("cls_score", det), rtol=1e-4,
                                atol=1e-6)
     np.testing.assert_allclose(deltas, lin("bbox_pred", det), rtol=1e-4,
                                atol=1e-7)
-    # The embedding always comes from the pooled vector.
     e = lin("embedding", pooled)
     np.testing.assert_allclose(emb, e / np.linalg.norm(e, axis=1,
                                                        keepdims=True),
                                rtol=1e-4, atol=1e-6)
-  # The spatial kernel sees every cell: [h*w*C, 2].
-  assert params["cls_score"]["kernel"].shape == (36, 2)
+  # A spatial kernel sees every cell: [h*w*C, D].
+  assert params["embedding"]["kernel"].shape == (36, 6)
   spatial = roi_heads.BoxPredictor(embedding_dim=6, det_features="spatial")
   with pytest.raises(ValueError, match="res5 map"):
     spatial.init(jax.random.PRNGKey(1), x.mean(axis=(1, 2)))
   bad = roi_heads.BoxPredictor(embedding_dim=6, det_features="flat")
   with pytest.raises(ValueError, match="det_features"):
     bad.init(jax.random.PRNGKey(1), x)
+
+
+def test_bn_neck_statistics_over_masked_rois():
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 5))
+  mask = np.array([1, 0, 1, 1, 0, 0], bool)
+  pred = roi_heads.BoxPredictor(embedding_dim=3, embedding_norm="batchnorm")
+  variables = pred.init(jax.random.PRNGKey(1), x)
+  for m in (None, mask):
+    (_, _, emb), state = pred.apply(variables, x, True, m,
+                                    mutable=["batch_stats"])
+    k = variables["params"]["embedding"]
+    proj = np.asarray(x) @ np.asarray(k["kernel"]) + np.asarray(k["bias"])
+    rows = proj if m is None else proj[m]
+    stats = state["batch_stats"]["embedding_norm"]
+    # Running averages start at (0, 1), momentum 0.9.
+    np.testing.assert_allclose(stats["mean"], 0.1 * rows.mean(0), rtol=1e-4,
+                               atol=1e-7)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * rows.var(0),
+                               rtol=1e-4)
+    # Every RoI is normalised with those statistics.
+    z = (proj - rows.mean(0)) / np.sqrt(rows.var(0) + 1e-5)
+    p = variables["params"]["embedding_norm"]
+    z = z * np.asarray(p["scale"]) + np.asarray(p["bias"])
+    np.testing.assert_allclose(
+        emb, z / np.linalg.norm(z, axis=1, keepdims=True), rtol=1e-4,
+        atol=1e-6)
 
 
 def test_postprocess():

@@ -1,5 +1,6 @@
 """The search demo: ranking against a folder, the PNG, and search.py."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -86,3 +87,18 @@ def test_search_py_command(tiny_trained_workdir, tmp_path):
        f"--query={query.path}", "--box=5,5,1,1", f"--gallery={folder}",
        f"--out={out}"], env=env, capture_output=True, text=True, timeout=600)
   assert bad.returncode != 0 and "query box" in bad.stderr
+
+
+def test_config_from_older_workdir(tmp_path):
+  # A config.json written before a field existed: the field takes its
+  # default, the stored values win everywhere else.
+  stored = {"model": {"width": 16, "roi": {"pool_size": 8}},
+            "eval": {"gallery_size": 50}}
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  config = search_lib.config_from_workdir(str(tmp_path))
+  assert config.model.width == 16 and config.model.roi.pool_size == 8
+  assert config.eval.gallery_size == 50
+  assert config.model.stride == 16  # not stored: the default
+  assert config.model.roi.det_features == "pooled"
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    search_lib.config_from_workdir(str(tmp_path / "nowhere"))

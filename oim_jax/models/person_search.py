@@ -37,7 +37,6 @@ from oim_jax.models import resnet
 from oim_jax.models import roi_heads
 from oim_jax.models import rpn
 
-STRIDE = 16  # of the stem output C4
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -58,6 +57,7 @@ def default_model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
   c.zero_init_residual = False  # zero-init last BN of each block (scratch)
   c.norm_groups = 0  # 0: frozen BN; > 0: GroupNorm groups (from scratch)
   c.pretrained = ""  # converted ImageNet weights (.npz/.msgpack), see README
+  c.stride = 16  # of C4: 16, or 8 (res4 unstrided, for small people)
   # Anchors (one feature map, stride 16); ratio = h / w as torchvision.
   c.anchor_sizes = (32, 64, 128, 256, 512)
   c.anchor_ratios = (0.5, 1.0, 2.0)
@@ -86,6 +86,7 @@ def default_model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
   # Input of the person classifier / box regressor: "pooled" (the paper) or
   # "spatial" (flattened res5 map; needed from scratch, see roi_heads.py).
   c.roi.det_features = "pooled"
+  c.roi.embedding_features = "pooled"  # the same for the identity embedding
   c.roi.sampling_ratio = 2
   c.roi.aligned = False  # torchvision RoIAlign `aligned`
   c.roi.score_thresh = 0.5  # test: person score threshold
@@ -97,6 +98,10 @@ def default_model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
   c.embedding_dim = 256
   # "none" | "batchnorm" (BN neck, state in `batch_stats`) | "layernorm"
   c.embedding_norm = "none"
+  # RoIs whose projections form the BN neck's batch statistics in training:
+  # "all" sampled RoIs (half background) or "persons" (fg RoIs only, the
+  # population it normalises at test time).
+  c.embedding_bn_rois = "all"
   # Loss weights (total = sum of weight * loss).
   c.loss_weights = ml_collections.ConfigDict(dict(
       rpn_cls=1.0, rpn_reg=1.0, det_cls=1.0, det_reg=1.0, reid=1.0))
@@ -134,7 +139,8 @@ class PersonSearch(nn.Module):
     dtype = _dtype(c)
     c4 = resnet.stem_channels(c.depth, c.width)
     self.stem = resnet.ResNetStem(c.depth, c.width, c.freeze_at, c.train_bn,
-                                  c.zero_init_residual, dtype, c.norm_groups)
+                                  c.zero_init_residual, dtype, c.norm_groups,
+                                  c.stride)
     self.rpn_head = rpn.RPNHead(ops.num_anchors(c.anchor_sizes,
                                                 c.anchor_ratios),
                                 c.rpn.channels or c4, dtype)
@@ -144,14 +150,15 @@ class PersonSearch(nn.Module):
     self.predictor = roi_heads.BoxPredictor(c.embedding_dim,
                                             c.embedding_norm, dtype,
                                             self.axis_name,
-                                            c.roi.det_features)
+                                            c.roi.det_features,
+                                            c.roi.embedding_features)
     if self.num_softmax_classes:
       self.reid_classifier = oim.SoftmaxClassifier(self.num_softmax_classes)
 
   # -- building blocks ----------------------------------------------------
 
   def features(self, images):
-    """uint8 [B, H, W, 3] -> C4 [B, H/16, W/16, C4]."""
+    """uint8 [B, H, W, 3] -> C4 [B, H/s, W/s, C4], s = config.stride."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be [B, H, W, 3] uint8, got "
                        f"{images.shape} {images.dtype}")
@@ -160,7 +167,7 @@ class PersonSearch(nn.Module):
   def anchors(self, c4, image_size):
     """-> (anchors [A, 4], valid bool [B, A])."""
     c = self.config
-    a = ops.anchors(tuple(c4.shape[1:3]), STRIDE, c.anchor_sizes,
+    a = ops.anchors(tuple(c4.shape[1:3]), c.stride, c.anchor_sizes,
                     c.anchor_ratios)
     valid = jax.vmap(rpn.anchor_valid_mask, (None, 0))(a, image_size)
     return a, valid
@@ -184,7 +191,7 @@ class PersonSearch(nn.Module):
     idx = jnp.repeat(jnp.arange(b, dtype=jnp.int32), k)
     rois = ops.roi_align(c4, jax.lax.stop_gradient(boxes.reshape(b * k, 4)),
                          idx, output_size=(c.pool_size, c.pool_size),
-                         spatial_scale=1.0 / STRIDE,
+                         spatial_scale=1.0 / self.config.stride,
                          sampling_ratio=c.sampling_ratio, aligned=c.aligned)
     return self.res5(rois)
 
@@ -239,10 +246,19 @@ class PersonSearch(nn.Module):
         fg_fraction=c.roi.fg_fraction, fg_iou=c.roi.fg_iou,
         bg_iou=c.roi.bg_iou, bg_iou_lo=c.roi.bg_iou_lo))(
             props, props_valid, gt_boxes, gt_pids, gt_valid, key_roi)
-    cls_logits, box_deltas, emb = self.predictor(
-        self.box_features(c4, samples.boxes), train)
     flat = jax.tree_util.tree_map(
         lambda x: x.reshape((-1,) + x.shape[2:]), samples)
+    stats_mask = None
+    if c.embedding_bn_rois == "persons":
+      fg = flat.labels == rpn.FG
+      # No person RoI in the batch (images without people): all RoIs, not
+      # an empty (NaN) statistic.
+      stats_mask = fg | ~jnp.any(fg)
+    elif c.embedding_bn_rois != "all":
+      raise ValueError(f"model.embedding_bn_rois={c.embedding_bn_rois!r}: "
+                       "use 'all' or 'persons'")
+    cls_logits, box_deltas, emb = self.predictor(
+        self.box_features(c4, samples.boxes), train, stats_mask)
     det_cls, det_reg = roi_heads.detection_losses(
         cls_logits, box_deltas, flat, c.roi.smooth_l1_beta)
     out = {"losses": {"rpn_cls": rpn_cls, "rpn_reg": rpn_reg,
@@ -302,6 +318,15 @@ def create_model(config, axis_name=None) -> PersonSearch:
   loss = config.oim.loss
   if loss not in ("oim", "softmax"):
     raise ValueError(f"config.oim.loss={loss!r}: use 'oim' or 'softmax'")
+  m = config.model
+  for field, value, allowed in (
+      ("model.stride", m.stride, (16, 8)),
+      ("model.roi.det_features", m.roi.det_features, ("pooled", "spatial")),
+      ("model.roi.embedding_features", m.roi.embedding_features,
+       ("pooled", "spatial")),
+      ("model.embedding_bn_rois", m.embedding_bn_rois, ("all", "persons"))):
+    if value not in allowed:
+      raise ValueError(f"config.{field}={value!r}: use one of {allowed}")
   return PersonSearch(
       ml_collections.FrozenConfigDict(config.model),
       config.oim.num_labeled if loss == "softmax" else 0, axis_name)

@@ -216,7 +216,7 @@ def _stage(x, depth, width, stage, first_stride, train_bn, zero_init_residual,
 
 
 class ResNetStem(nn.Module):
-  """conv1 .. conv4 (res4): [N, H, W, 3] -> C4 [N, ceil(H/16), ceil(W/16), C].
+  """conv1 .. conv4 (res4): [N, H, W, 3] -> C4 [N, ceil(H/s), ceil(W/s), C].
 
   Attributes:
     depth: 18, 34, 50 or 101.
@@ -227,6 +227,9 @@ class ResNetStem(nn.Module):
     zero_init_residual: zero-init the last BN scale of each block.
     dtype: compute dtype (parameters stay float32).
     norm_groups: 0 = frozen BN; > 0 = GroupNorm (see FrozenBatchNorm).
+    stride: output stride, 16 (standard) or 8 (res4 keeps res3's resolution:
+      finer RoI features for small people at 4x the res4 cost; same
+      parameters, so ImageNet weights still load).
   """
   depth: int = 50
   width: int = 64
@@ -235,11 +238,14 @@ class ResNetStem(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   norm_groups: int = 0
+  stride: int = 16
 
   @nn.compact
   def __call__(self, x):
-    """x: [N, H, W, 3] normalised image -> [N, H/16, W/16, C4] (ceil)."""
+    """x: [N, H, W, 3] normalised image -> [N, H/s, W/s, C4] (ceil), s = stride."""
     _check_depth(self.depth)
+    if self.stride not in (8, 16):
+      raise ValueError(f"model.stride={self.stride}: use 16 or 8")
     x = x.astype(self.dtype)
     x = _conv(self.width, 7, 2, self.dtype, "conv1")(x)
     x = nn.relu(FrozenBatchNorm(self.train_bn, False, self.dtype,
@@ -247,7 +253,7 @@ class ResNetStem(nn.Module):
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
-    for stage, stride in ((1, 1), (2, 2), (3, 2)):
+    for stage, stride in ((1, 1), (2, 2), (3, 2 if self.stride == 16 else 1)):
       x = _stage(x, self.depth, self.width, stage, stride, self.train_bn,
                  self.zero_init_residual, self.dtype, self.norm_groups)
       if self.freeze_at >= stage + 1:

@@ -65,9 +65,9 @@ class BoxPredictor(nn.Module):
       `axis_name`, running averages in the `batch_stats` collection at test
       time); or "layernorm" (stateless, per embedding).
     det_features: what the person classifier and the box regressor see:
-      "pooled" (the paper: the average-pooled res5 vector, like the
-      embedding) or "spatial" (the flattened res5 map, [h*w*C]). The
-      embedding is always computed from the pooled vector.
+      "pooled" (the paper: the average-pooled res5 vector) or "spatial"
+      (the flattened res5 map, [h*w*C]).
+    embedding_features: the same choice for the identity projection.
     dtype: compute dtype; outputs are float32.
     axis_name: data-parallel axis for synchronised BN statistics, or None.
   """
@@ -76,56 +76,68 @@ class BoxPredictor(nn.Module):
   dtype: Any = jnp.float32
   axis_name: Any = None
   det_features: str = "pooled"
+  embedding_features: str = "pooled"
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, stats_mask=None):
     """x: [K, C] or [K, h, w, C] -> (cls [K, 2], deltas [K, 4], emb [K, D]).
 
     A pooled input [K, C] needs det_features="pooled". `train` selects batch
     statistics (and their running-average update) for the BatchNorm neck; it
-    has no other effect.
+    has no other effect. `stats_mask` (bool [K], optional): the RoIs whose
+    projections form those statistics (e.g. persons only, the population
+    the neck sees at test time); None: all K.
     """
-    pooled = x if x.ndim == 2 else jnp.mean(x, axis=(1, 2))
-    if self.det_features == "pooled":
-      det, scale = pooled, 1.0
-    elif self.det_features == "spatial":
-      if x.ndim != 4:
-        raise ValueError("det_features='spatial' needs the res5 map "
-                         f"[K, h, w, C], got {x.shape}")
-      # Where the person sits inside the RoI: what the average pool throws
-      # away and a from-scratch network cannot encode in its channels (on
-      # the synthetic data, 16 overfit images: det AP 0.60 pooled, 0.95
-      # spatial).
-      det = x.reshape(x.shape[0], -1)
-      # Same initial logit scale as the pooled vector's (h*w times the
-      # inputs).
-      scale = float(x.shape[1] * x.shape[2]) ** -0.5
-    else:
-      raise ValueError(f"model.roi.det_features={self.det_features!r}: use "
-                       "'pooled' or 'spatial'")
+    det, det_scale = _features(x, self.det_features, "det_features")
+    emb, emb_scale = _features(x, self.embedding_features,
+                               "embedding_features")
     dense = lambda n, std, name: nn.Dense(
         n, kernel_init=nn.initializers.normal(std), dtype=self.dtype,
         param_dtype=jnp.float32, name=name)
     det = det.astype(self.dtype)
-    cls = dense(2, 0.01 * scale, "cls_score")(det).astype(jnp.float32)
-    deltas = dense(4, 0.001 * scale, "bbox_pred")(det).astype(jnp.float32)
-    emb = dense(self.embedding_dim, 0.01, "embedding")(
-        pooled.astype(self.dtype)).astype(jnp.float32)
+    cls = dense(2, 0.01 * det_scale, "cls_score")(det).astype(jnp.float32)
+    deltas = dense(4, 0.001 * det_scale, "bbox_pred")(det).astype(
+        jnp.float32)
+    emb = dense(self.embedding_dim, 0.01 * emb_scale, "embedding")(
+        emb.astype(self.dtype)).astype(jnp.float32)
     if self.embedding_norm == "layernorm":
       emb = nn.LayerNorm(name="embedding_norm")(emb)
     elif self.embedding_norm == "batchnorm":
       # Centres the projections over RoIs: without it a from-scratch network
       # maps every RoI (post-ReLU, all-positive features) to nearly the same
       # direction and the OIM gradient, s * (E_p[v] - v_target), vanishes.
+      mask = None
+      if train and stats_mask is not None:
+        mask = jnp.asarray(stats_mask, bool)[:, None]
       emb = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                          epsilon=1e-5, axis_name=self.axis_name if train
-                         else None, name="embedding_norm")(emb)
+                         else None, name="embedding_norm")(emb, mask=mask)
     elif self.embedding_norm != "none":
       raise ValueError(f"model.embedding_norm={self.embedding_norm!r}: use "
                        "'none', 'batchnorm' or 'layernorm'")
     emb = emb * jax.lax.rsqrt(
         jnp.maximum(jnp.sum(emb * emb, axis=-1, keepdims=True), 1e-12))
     return cls, deltas, emb
+
+
+def _features(x, mode: str, what: str):
+  """res5 output -> (predictor input [K, F], init scale for its kernel).
+
+  "pooled": the average over the map; "spatial": the flattened map, which
+  keeps where things are inside the RoI (what the average throws away and a
+  small from-scratch network cannot encode in its channels: on the synthetic
+  data, 16 overfit images, det AP 0.60 pooled vs 0.95 spatial). The spatial
+  kernel's init std is divided by sqrt(h*w) so that initial outputs have the
+  pooled scale.
+  """
+  if mode == "pooled":
+    return (x if x.ndim == 2 else jnp.mean(x, axis=(1, 2))), 1.0
+  if mode == "spatial":
+    if x.ndim != 4:
+      raise ValueError(f"{what}='spatial' needs the res5 map [K, h, w, C], "
+                       f"got {x.shape}")
+    return x.reshape(x.shape[0], -1), float(x.shape[1] * x.shape[2]) ** -0.5
+  raise ValueError(f"model.roi.{what}={mode!r}: use 'pooled' or 'spatial'")
 
 
 def detection_losses(cls_logits, deltas, samples: RoISamples,

@@ -82,7 +82,7 @@ class SyntheticConfig:
   pixels, people 40-160 px tall.
   """
   seed: int = 0
-  num_train_ids: int = 120
+  num_train_ids: int = 300
   num_test_ids: int = 80
   num_train_scenes: int = 480
   num_test_scenes: int = 240

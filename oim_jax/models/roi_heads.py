@@ -106,18 +106,54 @@ class BoxPredictor(nn.Module):
       # Centres the projections over RoIs: without it a from-scratch network
       # maps every RoI (post-ReLU, all-positive features) to nearly the same
       # direction and the OIM gradient, s * (E_p[v] - v_target), vanishes.
-      mask = None
-      if train and stats_mask is not None:
-        mask = jnp.asarray(stats_mask, bool)[:, None]
-      emb = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                         epsilon=1e-5, axis_name=self.axis_name if train
-                         else None, name="embedding_norm")(emb, mask=mask)
+      emb = NeckBatchNorm(axis_name=self.axis_name if train else None,
+                          name="embedding_norm")(emb, not train, stats_mask)
     elif self.embedding_norm != "none":
       raise ValueError(f"model.embedding_norm={self.embedding_norm!r}: use "
                        "'none', 'batchnorm' or 'layernorm'")
     emb = emb * jax.lax.rsqrt(
         jnp.maximum(jnp.sum(emb * emb, axis=-1, keepdims=True), 1e-12))
     return cls, deltas, emb
+
+
+class NeckBatchNorm(nn.Module):
+  """BatchNorm over RoIs [K, D] with an optional mask, exact across devices.
+
+  Same variables as flax's nn.BatchNorm ("scale", "bias"; batch_stats
+  "mean", "var", biased variance, momentum on the running averages), but the
+  statistics are psum'd sums over the masked rows of every device (flax
+  averages per-device masked means, which differs from the global-batch
+  statistic when devices hold different numbers of masked rows).
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  axis_name: Any = None
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool, mask=None):
+    """x: [K, D] float32; mask: bool [K] or None (all rows) -> [K, D]."""
+    d = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean",
+                            lambda: jnp.zeros((d,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var",
+                           lambda: jnp.ones((d,), jnp.float32))
+    scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      w = (jnp.ones(x.shape[:1], jnp.float32) if mask is None else
+           jnp.asarray(mask, jnp.float32))
+      total = lambda v: (v if self.axis_name is None else
+                         jax.lax.psum(v, self.axis_name))
+      n = jnp.maximum(total(jnp.sum(w)), 1.0)
+      mean = total(jnp.sum(x * w[:, None], axis=0)) / n
+      var = total(jnp.sum(jnp.square(x - mean) * w[:, None], axis=0)) / n
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean
+        ra_var.value = m * ra_var.value + (1 - m) * var
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
 def _features(x, mode: str, what: str):

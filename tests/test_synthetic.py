@@ -323,3 +323,17 @@ def test_cli_finds_existing_dataset(tiny, capsys):
 def test_invalid_config_is_explained(kwargs, match):
   with pytest.raises(ValueError, match=match):
     synthetic.SyntheticConfig(**kwargs).validate()
+
+
+def test_load_dataset_explains_a_stale_synthetic_root(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from oim_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  small = dict(TINY, num_train_scenes=10, num_test_scenes=53,
+               gallery_sizes=(50,))
+  root = str(tmp_path / "ds")
+  synthetic.ensure_synthetic(root, **small)
+  config = ml_collections.ConfigDict(dict(
+      dataset="synthetic", root=root,
+      synthetic=dict(small, num_train_ids=small["num_train_ids"] + 1)))
+  with pytest.raises(ValueError, match="--config.data.root="):
+    datasets.load_dataset(config)

@@ -21,7 +21,15 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> SearchDataset:
   root = os.path.expanduser(data_config.root)
   if name == "synthetic":
     from oim_jax.data import cuhk_sysu, synthetic  # pylint: disable=g-import-not-at-top
-    synthetic.ensure_synthetic(root, **dict(data_config.synthetic))
+    try:
+      synthetic.ensure_synthetic(root, **dict(data_config.synthetic))
+    except ValueError as e:
+      if "other parameters" not in str(e):
+        raise
+      raise ValueError(
+          f"{e}\nFrom train.py / eval.py: delete {root} (it is regenerated "
+          "in about 15 s) or pass --config.data.root=<another directory>."
+      ) from e
     return cuhk_sysu.load(root, name="synthetic", check_counts=False)
   if name == "cuhk_sysu":
     from oim_jax.data import cuhk_sysu  # pylint: disable=g-import-not-at-top

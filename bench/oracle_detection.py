@@ -1,0 +1,62 @@
+"""Re-id quality alone: search with perfect detection.
+
+Embeds every ground-truth gallery box (score 1) with a trained model and
+scores the search protocol on them, next to the model's own detections: the
+gap says how much mAP the detector costs, the oracle value what the
+embedding alone can do.
+
+  python bench/oracle_detection.py --workdir=runs/demo [--gallery_size=50]
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--gallery_size", type=int, default=None)
+  p.add_argument("--checkpoint_step", type=int, default=None)
+  args = p.parse_args()
+  from oim_jax import eval_lib, evaluation, search_lib  # pylint: disable=g-import-not-at-top
+  from oim_jax.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
+  from oim_jax.data.dataset import ImageAnnotation  # pylint: disable=g-import-not-at-top
+  config = search_lib.config_from_workdir(args.workdir)
+  gallery_size = args.gallery_size or config.eval.gallery_size
+  ds = datasets.load_dataset(config.data)
+  variables, step = eval_lib.restore_params(config, args.workdir,
+                                            args.checkpoint_step)
+  inference = eval_lib.Inference(config, variables)
+  # One pseudo-image per GT box: Inference.embed embeds each image's first.
+  boxes = [ImageAnnotation(a.name, a.path, b.reshape(1, 4).astype(np.float32),
+                           np.array([-1], np.int32))
+           for a in ds.gallery for b in a.boxes]
+  emb = inference.embed(boxes, "gallery GT boxes")
+  oracle, k = {}, 0
+  for a in ds.gallery:
+    n = len(a.boxes)
+    oracle[a.name] = (a.boxes.astype(np.float32), np.ones(n, np.float32),
+                      emb[k:k + n])
+    k += n
+  queries = inference.embed(pipeline.query_annotations(ds.queries),
+                            "queries")
+  detections = inference.detect(ds.gallery)
+  rows = {"own detections": detections, "oracle (GT boxes)": oracle}
+  print(f"{ds.name}, gallery {gallery_size}, step {step}")
+  print("| boxes | mAP | top-1 | top-5 | top-10 |\n|---|---|---|---|---|")
+  for name, dets in rows.items():
+    r = evaluation.evaluate_search(ds, dets, queries,
+                                   gallery_size=gallery_size,
+                                   det_thresh=config.eval.det_thresh)
+    print(f"| {name} | {100 * r['mAP']:.1f} | {100 * r['top1']:.1f} | "
+          f"{100 * r['top5']:.1f} | {100 * r['top10']:.1f} |")
+
+
+if __name__ == "__main__":
+  main()

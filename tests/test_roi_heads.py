@@ -113,12 +113,13 @@ def test_bn_neck_statistics_over_masked_rois():
   mask = np.array([1, 0, 1, 1, 0, 0], bool)
   pred = roi_heads.BoxPredictor(embedding_dim=3, embedding_norm="batchnorm")
   variables = pred.init(jax.random.PRNGKey(1), x)
-  for m in (None, mask):
+  # None and an all-False mask (no person RoI) both use every row.
+  for m in (None, mask, np.zeros(6, bool)):
     (_, _, emb), state = pred.apply(variables, x, True, m,
                                     mutable=["batch_stats"])
     k = variables["params"]["embedding"]
     proj = np.asarray(x) @ np.asarray(k["kernel"]) + np.asarray(k["bias"])
-    rows = proj if m is None else proj[m]
+    rows = proj if m is None or not m.any() else proj[m]
     stats = state["batch_stats"]["embedding_norm"]
     # Running averages start at (0, 1), momentum 0.9.
     np.testing.assert_allclose(stats["mean"], 0.1 * rows.mean(0), rtol=1e-4,

@@ -250,10 +250,7 @@ class PersonSearch(nn.Module):
         lambda x: x.reshape((-1,) + x.shape[2:]), samples)
     stats_mask = None
     if c.embedding_bn_rois == "persons":
-      fg = flat.labels == rpn.FG
-      # No person RoI in the batch (images without people): all RoIs, not
-      # an empty (NaN) statistic.
-      stats_mask = fg | ~jnp.any(fg)
+      stats_mask = flat.labels == rpn.FG
     elif c.embedding_bn_rois != "all":
       raise ValueError(f"model.embedding_bn_rois={c.embedding_bn_rois!r}: "
                        "use 'all' or 'persons'")

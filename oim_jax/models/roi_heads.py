@@ -131,7 +131,11 @@ class NeckBatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, use_running_average: bool, mask=None):
-    """x: [K, D] float32; mask: bool [K] or None (all rows) -> [K, D]."""
+    """x: [K, D] float32; mask: bool [K] or None (all rows) -> [K, D].
+
+    The statistics use the masked rows of all devices (all rows if there are
+    none); every row is normalised with them.
+    """
     d = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean",
                             lambda: jnp.zeros((d,), jnp.float32))
@@ -142,10 +146,14 @@ class NeckBatchNorm(nn.Module):
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
-      w = (jnp.ones(x.shape[:1], jnp.float32) if mask is None else
-           jnp.asarray(mask, jnp.float32))
       total = lambda v: (v if self.axis_name is None else
                          jax.lax.psum(v, self.axis_name))
+      w = jnp.ones(x.shape[:1], jnp.float32)
+      if mask is not None:
+        # No masked row on any device (no person in the batch): all rows,
+        # not an empty (NaN) statistic.
+        m = jnp.asarray(mask, jnp.float32)
+        w = jnp.where(total(jnp.sum(m)) > 0, m, w)
       n = jnp.maximum(total(jnp.sum(w)), 1.0)
       mean = total(jnp.sum(x * w[:, None], axis=0)) / n
       var = total(jnp.sum(jnp.square(x - mean) * w[:, None], axis=0)) / n

@@ -82,10 +82,10 @@ class BoxPredictor(nn.Module):
   def __call__(self, x, train: bool = False, stats_mask=None):
     """x: [K, C] or [K, h, w, C] -> (cls [K, 2], deltas [K, 4], emb [K, D]).
 
-    A pooled input [K, C] needs det_features="pooled". `train` selects batch
-    statistics (and their running-average update) for the BatchNorm neck; it
-    has no other effect. `stats_mask` (bool [K], optional): the RoIs whose
-    projections form those statistics (e.g. persons only, the population
+    A pooled input [K, C] needs both feature modes "pooled". `train` selects
+    batch statistics (and their running-average update) for the BatchNorm
+    neck; it has no other effect. `stats_mask` (bool [K], optional): the RoIs
+    whose projections form those statistics (e.g. persons only, the population
     the neck sees at test time); None: all K.
     """
     det, det_scale = _features(x, self.det_features, "det_features")

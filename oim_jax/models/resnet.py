@@ -253,7 +253,8 @@ class ResNetStem(nn.Module):
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
-    for stage, stride in ((1, 1), (2, 2), (3, 2 if self.stride == 16 else 1)):
+    res4_stride = 2 if self.stride == 16 else 1
+    for stage, stride in ((1, 1), (2, 2), (3, res4_stride)):
       x = _stage(x, self.depth, self.width, stage, stride, self.train_bn,
                  self.zero_init_residual, self.dtype, self.norm_groups)
       if self.freeze_at >= stage + 1:

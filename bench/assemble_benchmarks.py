@@ -22,11 +22,12 @@ bounds. GPU rows appear when the suite (`python bench/run_suite.py`) runs on a
 machine with a GPU backend. Regenerate this file with
 `python bench/assemble_benchmarks.py`.
 
-The suite below (`bench/results/suite.md`) was measured before the ResNet
-1x1 convolutions became matmuls (commit 188b8e7); in the suite's
-investigation that change alone took the ResNet-50 CPU train step from
-48.2 s to 28.9 s (0.87x the torchvision route). Rerun
-`python bench/run_suite.py` to refresh the table.
+The suite below (`bench/results/suite.md`) was rerun in session 2 on an idle
+machine (load < 2) with the 1x1-convolutions-as-matmuls change in (commit
+188b8e7); its breakdown/experiment parts were skipped
+(`--skip=breakdown,experiment`). The investigation section at the end
+(`suite_investigation.md`) is from session 1, measured under load 4-6 before
+that change: its absolute times are not comparable with the suite's.
 """
 
 

@@ -29,23 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from oim_jax.models import resnet  # pylint: disable=g-import-not-at-top
 
 
-class DotConv1x1(nn.Module):
-  """A 1x1 convolution (stride s, no padding, no bias) as one matmul."""
-  features: int
-  strides: int
-  dtype: object
-  kernel_init: object
-
-  @nn.compact
-  def __call__(self, x):
-    k = self.param("kernel", self.kernel_init,
-                   (1, 1, x.shape[-1], self.features), jnp.float32)
-    if self.strides > 1:
-      x = x[:, ::self.strides, ::self.strides]
-    return jnp.einsum("nhwc,cd->nhwd", x.astype(self.dtype),
-                      k[0, 0].astype(self.dtype))
-
-
 def _conv3x3(x, w, stride):
   return jax.lax.conv_general_dilated(
       x, w, (stride, stride), ((1, 1), (1, 1)),
@@ -96,9 +79,8 @@ def patch_1x1(wgrad_3x3: bool = False):
   original = resnet._conv  # pylint: disable=protected-access
 
   def conv(features, kernel, strides, dtype, name):
-    if kernel == 1:
-      return DotConv1x1(features, strides, dtype, resnet._conv_init,  # pylint: disable=protected-access
-                        name=name)
+    if kernel == 1:  # The model's own matmul form (the landed change).
+      return resnet.Conv1x1(features, strides, dtype, name=name)
     if kernel == 3 and wgrad_3x3:
       return Conv3x3(features, strides, dtype, resnet._conv_init,  # pylint: disable=protected-access
                      name=name)

@@ -102,6 +102,33 @@ def test_other_seed_differs(tiny, tmp_path):
   assert [len(r.boxes) for r in records] != [len(r.boxes) for r in records2]
 
 
+def _test_split_by_content(root):
+  """Test images, queries and galleries, named by image bytes, not file name."""
+  files = _files(root)
+  ds = cuhk_sysu.load(root, name="synthetic", check_counts=False)
+  key = {a.name: files[os.path.join("Image", "SSM", a.name)]
+         for a in ds.gallery}
+  gallery = sorted((key[a.name], a.boxes.tobytes(), a.pids.tobytes())
+                   for a in ds.gallery)
+  protocols = []
+  for g in (50, 100):
+    for k, q in enumerate(ds.queries):
+      protocols.append((g, key[q.name], q.box.tobytes(), q.pid,
+                        [key[n] for n, _ in ds.gallery_for(k, g)]))
+  return gallery, protocols
+
+
+def test_test_split_independent_of_train_sizes(tiny, tmp_path):
+  # Runs on bigger or smaller train sets are scored on the same test split.
+  root, _ = tiny
+  other = str(tmp_path / "d")
+  synthetic.generate(other, synthetic.SyntheticConfig(
+      **dict(TINY, num_train_ids=9, num_train_scenes=20)))
+  assert _test_split_by_content(root) == _test_split_by_content(other)
+  ds = cuhk_sysu.load(other, name="synthetic", check_counts=False)
+  assert ds.num_train_ids == 9 and len(ds.train) == 20
+
+
 def test_mat_layout_as_matlab_writes_it(tiny):
   root, records = tiny
   img = _mat(root, "annotation/Images.mat", "Img")

@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 import scipy.io
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: test split independent of the train sizes
 MANIFEST_NAME = "synthetic_manifest.json"
 # Fixed .mat header text: scipy writes a creation date there, which would
 # make two generations of the same seed differ byte-wise.
@@ -779,24 +779,36 @@ def generate(out_dir: str, config: SyntheticConfig = SyntheticConfig(),
     raise FileExistsError(f"{out_dir} is not empty")
   t0 = time.time()
   cams = _make_cameras(config)
+  # Every random stream of the test split is its own (split code 1), and test
+  # identities are drawn before train ones: the test split (identities,
+  # scenes, protocols) stays the same when only the train sizes change, so
+  # runs on differently sized train sets are scored on the same test.
   rng = np.random.default_rng((config.seed, 2))
   taken = set()
-  train_ids = _sample_identities(rng, config.num_train_ids, taken)
   test_ids = _sample_identities(rng, config.num_test_ids, taken)
+  train_ids = _sample_identities(rng, config.num_train_ids, taken)
   # Global identity names: shuffled numbers, like CUHK-SYSU's "p1234".
   id_names = [f"p{n}" for n in rng.permutation(
       config.num_train_ids + config.num_test_ids) + 1]
   splits = {}
-  for split, ids, n_scenes, kmin, kmax in (
+  for code, (split, ids, n_scenes, kmin, kmax) in enumerate((
       ("train", train_ids, config.num_train_scenes,
        config.min_train_appearances, config.max_train_appearances),
       ("test", test_ids, config.num_test_scenes,
-       config.min_test_appearances, config.max_test_appearances)):
-    splits[split] = _assign(rng, len(ids), n_scenes, kmin, kmax,
+       config.min_test_appearances, config.max_test_appearances))):
+    srng = np.random.default_rng((config.seed, 5, code))
+    splits[split] = _assign(srng, len(ids), n_scenes, kmin, kmax,
                             config.min_persons, config.max_persons, split)
+    splits[split] += (srng.integers(config.num_cameras, size=n_scenes),)
   n_total = config.num_train_scenes + config.num_test_scenes
-  numbers = rng.permutation(n_total) + 1  # s{k}.jpg, splits interleaved
-  camera_of = rng.integers(config.num_cameras, size=n_total)
+  # s{k}.jpg numbers, splits interleaved; test scenes keep their relative
+  # order (the protocols index test scenes in number order).
+  numbers = np.random.default_rng((config.seed, 6)).permutation(n_total) + 1
+  is_test = np.zeros(n_total, bool)
+  is_test[config.num_train_scenes:] = True
+  test_numbers = np.sort(numbers[is_test])
+  numbers[is_test] = test_numbers[np.random.default_rng(
+      (config.seed, 6, 1)).permutation(config.num_test_scenes)]
 
   img_dir = os.path.join(out_dir, "Image", "SSM")
   os.makedirs(img_dir, exist_ok=True)
@@ -805,8 +817,9 @@ def generate(out_dir: str, config: SyntheticConfig = SyntheticConfig(),
     split = "train" if j < config.num_train_scenes else "test"
     local = j if split == "train" else j - config.num_train_scenes
     ids = train_ids if split == "train" else test_ids
-    capacity, members = splits[split]
-    srng = np.random.default_rng((config.seed, 3, j))
+    capacity, members, camera_of = splits[split]
+    srng = np.random.default_rng((config.seed, 3, int(split == "test"),
+                                  local))
     ident = list(members[local])
     srng.shuffle(ident)
     people = [(ids[i], True) for i in ident]
@@ -814,15 +827,16 @@ def generate(out_dir: str, config: SyntheticConfig = SyntheticConfig(),
       a = _sample_appearance(srng)
       if a.key() not in taken:  # distractors never look like an identity
         people.append((a, not people))
-    cam = cams[int(camera_of[j])]
+    cam = cams[int(camera_of[local])]
     image, boxes, index, ishard = render_scene(config, cam, people, srng)
     identity = np.array([ident[i] if i < len(ident) else -1 for i in index],
                         np.int64)
     name = f"s{numbers[j]}.jpg"
     Image.fromarray(image).save(os.path.join(img_dir, name), "JPEG",
                                 quality=config.jpeg_quality)
-    records.append(SceneRecord(name, split, int(camera_of[j]), cam.height,
-                               cam.width, boxes, identity, ishard,
+    records.append(SceneRecord(name, split, int(camera_of[local]),
+                               cam.height, cam.width, boxes, identity,
+                               ishard,
                                [people[i][0].key() for i in index]))
     if verbose and (j + 1) % 100 == 0:
       print(f"  {j + 1}/{n_total} scenes, {time.time() - t0:.1f}s",

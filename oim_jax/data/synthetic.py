@@ -78,13 +78,13 @@ _SKIN, _HAIR, _TORSO, _SLEEVE, _LEGS, _SHOES, _ACC, _STRAP = range(1, 9)
 class SyntheticConfig:
   """Size and seed of a synthetic dataset (all recorded in the manifest).
 
-  The default is sized for a 2-core CPU: 720 scenes of 240x320 to 320x480
+  The default is sized for a 2-core CPU: 960 scenes of 240x320 to 320x480
   pixels, people 40-160 px tall.
   """
   seed: int = 0
-  num_train_ids: int = 300
+  num_train_ids: int = 675
   num_test_ids: int = 80
-  num_train_scenes: int = 480
+  num_train_scenes: int = 720
   num_test_scenes: int = 240
   min_persons: int = 2  # people per scene, labeled + unlabeled
   max_persons: int = 6

@@ -782,7 +782,9 @@ def generate(out_dir: str, config: SyntheticConfig = SyntheticConfig(),
   # Every random stream of the test split is its own (split code 1), and test
   # identities are drawn before train ones: the test split (identities,
   # scenes, protocols) stays the same when only the train sizes change, so
-  # runs on differently sized train sets are scored on the same test.
+  # runs on differently sized train sets are scored on the same test. (Only
+  # a test passer-by drawn identical to a newly added train identity would
+  # be re-drawn; with ~6e5 possible looks, a few people at most.)
   rng = np.random.default_rng((config.seed, 2))
   taken = set()
   test_ids = _sample_identities(rng, config.num_test_ids, taken)

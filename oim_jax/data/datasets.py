@@ -28,7 +28,7 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> SearchDataset:
         raise
       raise ValueError(
           f"{e}\nFrom train.py / eval.py: delete {root} (it is regenerated "
-          "in about 15 s) or pass --config.data.root=<another directory>."
+          "in about 20 s) or pass --config.data.root=<another directory>."
       ) from e
     return cuhk_sysu.load(root, name="synthetic", check_counts=False)
   if name == "cuhk_sysu":

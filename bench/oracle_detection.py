@@ -26,18 +26,14 @@ def main():
   args = p.parse_args()
   from oim_jax import eval_lib, evaluation, search_lib  # pylint: disable=g-import-not-at-top
   from oim_jax.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
-  from oim_jax.data.dataset import ImageAnnotation  # pylint: disable=g-import-not-at-top
   config = search_lib.config_from_workdir(args.workdir)
   gallery_size = args.gallery_size or config.eval.gallery_size
   ds = datasets.load_dataset(config.data)
   variables, step = eval_lib.restore_params(config, args.workdir,
                                             args.checkpoint_step)
   inference = eval_lib.Inference(config, variables)
-  # One pseudo-image per GT box: Inference.embed embeds each image's first.
-  boxes = [ImageAnnotation(a.name, a.path, b.reshape(1, 4).astype(np.float32),
-                           np.array([-1], np.int32))
-           for a in ds.gallery for b in a.boxes]
-  emb = inference.embed(boxes, "gallery GT boxes")
+  gallery_boxes, gallery_pids = _one_box_images(ds.gallery)
+  emb = inference.embed(gallery_boxes, "gallery GT boxes")
   oracle, k = {}, 0
   for a in ds.gallery:
     n = len(a.boxes)
@@ -63,29 +59,39 @@ def main():
         + " | ".join(f"{lo}-{hi or ''} px" for lo, hi in bins)
         + " |\n|---|---|---|---|" + "---|" * len(bins))
   num_test_ids = len(ds.queries)
-  for name, images, keep in (
-      ("test identities", ds.gallery, lambda pid: pid >= 0),
-      (f"train identities 0-{num_test_ids - 1}", ds.train,
-       lambda pid: 0 <= pid < num_test_ids)):
-    boxes, pids = [], []
-    for a in images:
-      for b, pid in zip(a.boxes, a.pids):
-        if keep(pid):
-          boxes.append(ImageAnnotation(a.name, a.path,
-                                       b.reshape(1, 4).astype(np.float32),
-                                       np.array([-1], np.int32)))
-          pids.append(pid)
-    emb = inference.embed(boxes, name)
-    aps, heights = box_retrieval_aps(emb, np.asarray(pids)), np.array(
-        [b.boxes[0, 3] - b.boxes[0, 1] for b in boxes])
+  train_boxes, train_pids = _one_box_images(
+      ds.train, lambda pid: 0 <= pid < num_test_ids)
+  labeled = gallery_pids >= 0  # the test pool: already embedded above
+  pools = (
+      ("test identities", [b for b, l in zip(gallery_boxes, labeled) if l],
+       gallery_pids[labeled], emb[labeled]),
+      (f"train identities 0-{num_test_ids - 1}", train_boxes, train_pids,
+       inference.embed(train_boxes, "train GT boxes")))
+  for name, boxes, pids, pool_emb in pools:
+    aps = box_retrieval_aps(pool_emb, pids)
+    heights = np.array([b.boxes[0, 3] - b.boxes[0, 1] for b in boxes])
     cells = []
     for lo, hi in bins:
-      sel = ~np.isnan(aps) & (heights >= lo) & (
-          heights < (hi or np.inf))
+      sel = ~np.isnan(aps) & (heights >= lo) & (heights < (hi or np.inf))
       cells.append(f"{100 * aps[sel].mean():.1f} (n={sel.sum()})"
                    if sel.any() else "-")
     print(f"| {name} | {(~np.isnan(aps)).sum()} | {len(set(pids))} | "
           f"{100 * np.nanmean(aps):.1f} | " + " | ".join(cells) + " |")
+
+
+def _one_box_images(images, keep=lambda pid: True):
+  """One pseudo-image per kept GT box (Inference.embed embeds each image's
+  first box) -> (annotations, pids [N])."""
+  from oim_jax.data.dataset import ImageAnnotation  # pylint: disable=g-import-not-at-top
+  out, pids = [], []
+  for a in images:
+    for b, pid in zip(a.boxes, a.pids):
+      if keep(pid):
+        out.append(ImageAnnotation(a.name, a.path,
+                                   b.reshape(1, 4).astype(np.float32),
+                                   np.array([-1], np.int32)))
+        pids.append(pid)
+  return out, np.asarray(pids, np.int64)
 
 
 def box_retrieval_aps(emb, pids):

@@ -23,9 +23,7 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> SearchDataset:
     from oim_jax.data import cuhk_sysu, synthetic  # pylint: disable=g-import-not-at-top
     try:
       synthetic.ensure_synthetic(root, **dict(data_config.synthetic))
-    except ValueError as e:
-      if "other parameters" not in str(e):
-        raise
+    except synthetic.StaleDatasetError as e:
       raise ValueError(
           f"{e}\nFrom train.py / eval.py: delete {root} (it is regenerated "
           "in about 20 s) or pass --config.data.root=<another directory>."

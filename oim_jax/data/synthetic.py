@@ -74,6 +74,10 @@ ACCESSORIES = ("none", "hat", "bag", "hat_bag")
 _SKIN, _HAIR, _TORSO, _SLEEVE, _LEGS, _SHOES, _ACC, _STRAP = range(1, 9)
 
 
+class StaleDatasetError(ValueError):
+  """The root holds a synthetic dataset generated with other parameters."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
   """Size and seed of a synthetic dataset (all recorded in the manifest).
@@ -806,11 +810,9 @@ def generate(out_dir: str, config: SyntheticConfig = SyntheticConfig(),
   # s{k}.jpg numbers, splits interleaved; test scenes keep their relative
   # order (the protocols index test scenes in number order).
   numbers = np.random.default_rng((config.seed, 6)).permutation(n_total) + 1
-  is_test = np.zeros(n_total, bool)
-  is_test[config.num_train_scenes:] = True
-  test_numbers = np.sort(numbers[is_test])
-  numbers[is_test] = test_numbers[np.random.default_rng(
-      (config.seed, 6, 1)).permutation(config.num_test_scenes)]
+  numbers[config.num_train_scenes:] = np.sort(
+      numbers[config.num_train_scenes:])[np.random.default_rng(
+          (config.seed, 6, 1)).permutation(config.num_test_scenes)]
 
   img_dir = os.path.join(out_dir, "Image", "SSM")
   os.makedirs(img_dir, exist_ok=True)
@@ -984,7 +986,7 @@ def ensure_synthetic(root: str, regenerate: bool = False,
   if _matches(manifest, config):
     return root
   if manifest is not None and not regenerate:
-    raise ValueError(
+    raise StaleDatasetError(
         f"{root} holds a synthetic dataset generated with other parameters "
         f"(version {manifest.get('version')}, config {manifest.get('config')})"
         f"; wanted version {GENERATOR_VERSION}, config {config.to_json()}. "

@@ -121,3 +121,74 @@ def test_conv1x1_matmul_equals_convolution(strides):
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
   np.testing.assert_allclose(module.apply(params, x), want, rtol=1e-5,
                              atol=1e-5)
+
+
+def _group_norm_reference(x, groups, scale, bias):
+  """Two-pass GroupNorm over a [N, H, W, G, C/G] view (the textbook form)."""
+  n, h, w, c = x.shape
+  y = x.reshape(n, h, w, groups, c // groups)
+  mean = jnp.mean(y, axis=(1, 2, 4), keepdims=True)
+  var = jnp.mean(jnp.square(y - mean), axis=(1, 2, 4), keepdims=True)
+  y = ((y - mean) / jnp.sqrt(var + 1e-5)).reshape(x.shape)
+  return y * scale + bias
+
+
+def test_group_norm_gradients_match_two_pass_form():
+  # Offset mean (the one-pass variance's weak spot) and per-sample scales.
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(3, 6, 5, 12)) * [[[[0.5]]], [[[2.0]]],
+                                                   [[[4.0]]]] + 6.0,
+                  jnp.float32)
+  scale = jnp.asarray(rng.normal(size=12), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=12), jnp.float32)
+  module = resnet.FrozenBatchNorm(trainable=True, groups=3)
+  cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+  def ours(x, s, b):
+    return jnp.sum(cot * module.apply({"params": {"scale": s, "bias": b}}, x))
+
+  def ref(x, s, b):
+    return jnp.sum(cot * _group_norm_reference(x, 3, s, b))
+
+  np.testing.assert_allclose(
+      module.apply({"params": {"scale": scale, "bias": bias}}, x),
+      _group_norm_reference(x, 3, scale, bias), rtol=1e-4, atol=1e-4)
+  for got, want in zip(jax.grad(ours, (0, 1, 2))(x, scale, bias),
+                       jax.grad(ref, (0, 1, 2))(x, scale, bias)):
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_group_norm_on_roi_batches_normalises_each_roi():
+  # [K, h, w, C] RoI maps (res5): each RoI is its own sample.
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(5, 7, 7, 8)).astype(np.float32) * 3 - 2
+  module = resnet.FrozenBatchNorm(trainable=True, groups=1)
+  params = {"params": {"scale": jnp.ones(8), "bias": jnp.zeros(8)}}
+  got = np.asarray(module.apply(params, jnp.asarray(x)))
+  for k in range(5):
+    block = x[k].astype(np.float64)
+    np.testing.assert_allclose(got[k], (block - block.mean()) / np.sqrt(
+        block.var() + 1e-5), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hw", [(32, 48), (33, 47), (7, 6)])
+def test_space_to_depth_stem_conv_equals_strided_conv(hw):
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2,) + hw + (3,)), jnp.float32)
+  direct = resnet.StemConv(8)
+  s2d = resnet.StemConv(8, space_to_depth=True)
+  params = direct.init(jax.random.PRNGKey(0), x)
+  assert params["params"]["kernel"].shape == (7, 7, 3, 8)
+  want = jax.lax.conv_general_dilated(
+      x, params["params"]["kernel"], (2, 2), ((3, 3), (3, 3)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  got = s2d.apply(params, x)
+  assert got.shape == want.shape == (2, (hw[0] + 1) // 2, (hw[1] + 1) // 2, 8)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # And its weight gradient (what the from-scratch stem trains with).
+  cot = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  g_direct = jax.grad(lambda p: jnp.sum(cot * direct.apply(p, x)))(params)
+  g_s2d = jax.grad(lambda p: jnp.sum(cot * s2d.apply(p, x)))(params)
+  np.testing.assert_allclose(g_s2d["params"]["kernel"],
+                             g_direct["params"]["kernel"], rtol=1e-4,
+                             atol=1e-3)

@@ -22,10 +22,12 @@ bounds. GPU rows appear when the suite (`python bench/run_suite.py`) runs on a
 machine with a GPU backend. Regenerate this file with
 `python bench/assemble_benchmarks.py`.
 
-The suite below (`bench/results/suite.md`) was rerun in session 2 on an idle
-machine (load < 2) with the 1x1-convolutions-as-matmuls change in (commit
-188b8e7); its breakdown/experiment parts were skipped
-(`--skip=breakdown,experiment`). The investigation section at the end
+The suite below (`bench/results/suite.md`) was rerun in session 4 (load
+1.2-2.0, i.e. mostly its own two threads) after the faster GroupNorm and
+space-to-depth stem of the tiny model; its breakdown/experiment parts were
+skipped (`--skip=breakdown,experiment`). The ResNet-50 code path did not
+change since session 2's run (train step 13.2 s vs torchvision 15.7 s then,
+13.9 vs 14.8 s now): the difference is run-to-run spread. The investigation section at the end
 (`suite_investigation.md`) is from session 1, measured under load 4-6 before
 that change: its absolute times are not comparable with the suite's.
 """

@@ -62,8 +62,12 @@ class CompileCounter:
 
 
 def bench_config(preset: str, height: int, width: int, batch: int,
-                 dtype: str) -> ml_collections.ConfigDict:
-  """configs/synthetic.py (tiny) or configs/cuhk.py (resnet50), no weights."""
+                 dtype: str, model_overrides: dict | None = None
+                 ) -> ml_collections.ConfigDict:
+  """configs/synthetic.py (tiny) or configs/cuhk.py (resnet50), no weights.
+
+  model_overrides: {field: value} set on config.model (bench variants).
+  """
   if preset == "tiny":
     from configs import synthetic as cfg  # pylint: disable=g-import-not-at-top
   elif preset == "resnet50":
@@ -75,6 +79,8 @@ def bench_config(preset: str, height: int, width: int, batch: int,
   c.model.dtype = dtype
   c.data.min_size, c.data.max_size = min(height, width), max(height, width)
   c.train.batch_size = batch
+  for key, value in (model_overrides or {}).items():
+    c.model[key] = value
   return c
 
 
@@ -157,8 +163,9 @@ def run_matmul(dtype: str, n: int, repeats: int) -> dict:
 
 
 def run_train(preset: str, height: int, width: int, batch: int, dtype: str,
-              steps: int, num_gt: int) -> dict:
-  config = bench_config(preset, height, width, batch, dtype)
+              steps: int, num_gt: int,
+              model_overrides: dict | None = None) -> dict:
+  config = bench_config(preset, height, width, batch, dtype, model_overrides)
   counter = CompileCounter()
   mesh = parallel.make_mesh()
   mode = "shard_map"

@@ -36,7 +36,8 @@ Why these choices (measured; numbers in the issue notes and the README):
   (mAP 25.1 vs 27.1 at step 480, same data).
 - 16 epochs (2,864 steps), lr x0.1 after 12: 17 min 44 s on 2 CPU cores
   from a fresh machine (dataset generation and compilation included); mAP
-  60.5, top-1 60.0, det AP 87.1, recall 91.4 (README). Session 4 made the
+  60.5, top-1 60.0, det AP 87.1, recall 91.4 (README; seeds 0/1/2: mAP
+  60.5/54.3/61.4, recall 91.4/90.7/91.8). Session 4 made the
   step faster (one-pass GroupNorm, space-to-depth conv1: 0.43 -> 0.33 s in
   the main job) and spent the time on steps: 11 epochs had given mAP 49.3,
   13 epochs (lr drop after 10, dataset present) 55.1 in 14 min 7 s.

@@ -27,8 +27,9 @@ Why these choices (measured; numbers in the issue notes and the README):
   between these runs (generator version 1), so +-3 points is noise. Full
   runs, same wall time and test split: 1000 ids in 1080 scenes for 7 epochs
   gave mAP 51.3 / top-1 52.5 / det AP 75.7 vs 49.3 / 47.5 / 79.8 (the
-  11-epoch recipe of then): within seed noise, not adopted. Same for larger inputs (min_size 352, max_size
-  576, 8 epochs in the same time): 50.4 / 51.3 / 77.7.
+  11-epoch recipe of then): within seed noise, not adopted. Same for larger
+  inputs (min_size 352, max_size 576, 8 epochs in the same time): 50.4 /
+  51.3 / 77.7.
 - re-id loss weight 0.5: the OIM loss (~10 early, vs ~1.5 for detection)
   otherwise owns the shared features (8 epochs, weight 1.0 vs 0.5: mAP 29.9
   vs 33.1, det AP 55 vs 62).

@@ -80,13 +80,14 @@ def test_predictor_and_losses_vs_numpy():
 def test_predictor_det_features_vs_numpy():
   x = jax.random.normal(jax.random.PRNGKey(0), (5, 3, 3, 4))
   for mode, emb_mode in (("pooled", "pooled"), ("spatial", "pooled"),
-                         ("pooled", "spatial")):
+                         ("spatial", "stripes"), ("pooled", "spatial")):
     pred = roi_heads.BoxPredictor(embedding_dim=6, det_features=mode,
                                   embedding_features=emb_mode)
     params = pred.init(jax.random.PRNGKey(1), x)["params"]
     cls, deltas, emb = pred.apply({"params": params}, x)
     xn = np.asarray(x, np.float64)
-    feats = {"pooled": xn.mean(axis=(1, 2)), "spatial": xn.reshape(5, -1)}
+    feats = {"pooled": xn.mean(axis=(1, 2)), "spatial": xn.reshape(5, -1),
+             "stripes": xn.mean(axis=2).reshape(5, -1)}
     det, pooled = feats[mode], feats[emb_mode]
     lin = lambda name, v: (v @ np.asarray(params[name]["kernel"]) +
                            np.asarray(params[name]["bias"]))
@@ -106,6 +107,21 @@ def test_predictor_det_features_vs_numpy():
   bad = roi_heads.BoxPredictor(embedding_dim=6, det_features="flat")
   with pytest.raises(ValueError, match="det_features"):
     bad.init(jax.random.PRNGKey(1), x)
+
+
+def test_stripes_embedding_is_mirror_invariant():
+  # [K, h, w, C] with h != w so rows and columns cannot be confused.
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 5, 2))
+  pred = roi_heads.BoxPredictor(embedding_dim=8, det_features="spatial",
+                                embedding_features="stripes")
+  params = pred.init(jax.random.PRNGKey(1), x)["params"]
+  assert params["embedding"]["kernel"].shape == (3 * 2, 8)
+  _, _, emb = pred.apply({"params": params}, x)
+  _, _, emb_mirror = pred.apply({"params": params}, x[:, :, ::-1])
+  np.testing.assert_allclose(emb_mirror, emb, rtol=1e-5, atol=1e-6)
+  # Upside down is a different person: rows stay apart.
+  _, _, emb_flipped = pred.apply({"params": params}, x[:, ::-1])
+  assert np.max(np.abs(np.asarray(emb_flipped) - np.asarray(emb))) > 1e-2
 
 
 def test_bn_neck_statistics_over_masked_rois():

@@ -89,7 +89,9 @@ def default_model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
   # Input of the person classifier / box regressor: "pooled" (the paper) or
   # "spatial" (flattened res5 map; needed from scratch, see roi_heads.py).
   c.roi.det_features = "pooled"
-  c.roi.embedding_features = "pooled"  # the same for the identity embedding
+  # The same for the identity embedding, plus "stripes" (the res5 map
+  # averaged over its width: head / torso / legs, mirror-invariant).
+  c.roi.embedding_features = "pooled"
   c.roi.sampling_ratio = 2
   c.roi.aligned = False  # torchvision RoIAlign `aligned`
   c.roi.score_thresh = 0.5  # test: person score threshold
@@ -324,7 +326,7 @@ def create_model(config, axis_name=None) -> PersonSearch:
       ("model.stride", m.stride, (16, 8)),
       ("model.roi.det_features", m.roi.det_features, ("pooled", "spatial")),
       ("model.roi.embedding_features", m.roi.embedding_features,
-       ("pooled", "spatial")),
+       ("pooled", "spatial", "stripes")),
       ("model.embedding_bn_rois", m.embedding_bn_rois, ("all", "persons"))):
     if value not in allowed:
       raise ValueError(f"config.{field}={value!r}: use one of {allowed}")

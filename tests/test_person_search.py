@@ -194,11 +194,47 @@ def test_bad_config_errors():
     ps.default_model_config("resnet9000")
   for field, value in (("stride", 4), ("embedding_bn_rois", "fg"),
                        ("roi.det_features", "flat"),
-                       ("roi.embedding_features", "avg")):
+                       ("roi.embedding_features", "avg"),
+                       ("rpn.stride", 32)):
     config = _config()
     config.update_from_flattened_dict({f"model.{field}": value})
     with pytest.raises(ValueError, match=f"config.model.{field}="):
       ps.create_model(config)
+
+
+def test_rpn_on_pooled_stride8_map():
+  config = _config()
+  config.model.stride = 8
+  config.model.rpn.stride = 16
+  model = ps.create_model(config)
+  variables = ps.init_variables(model, config, jax.random.PRNGKey(0))
+  # Odd sizes: the last row / column of 2x2 cells is incomplete.
+  c4 = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 7, 3))
+  pooled = np.asarray(model.apply(variables, c4,
+                                  method=lambda m, x: m.rpn_input(x)))
+  x = np.asarray(c4, np.float64)
+  ref = np.zeros((2, 3, 4, 3))
+  for i in range(3):
+    for j in range(4):
+      ref[:, i, j] = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(axis=(1, 2))
+  np.testing.assert_allclose(pooled, ref, rtol=1e-5, atol=1e-6)
+  # Its anchors are the stride-16 model's for the same image.
+  size = jnp.array([[72, 100], [80, 112]], jnp.int32)
+  a8, v8 = model.apply(variables, jnp.asarray(pooled), size,
+                       method=lambda m, r, s: m.anchors(r, s))
+  config16 = _config()
+  model16 = ps.create_model(config16)
+  c4_16 = jnp.zeros((2, 3, 4, 3))
+  a16, v16 = model16.apply({}, c4_16, size,
+                           method=lambda m, r, s: m.anchors(r, s))
+  np.testing.assert_array_equal(np.asarray(a8), np.asarray(a16))
+  np.testing.assert_array_equal(np.asarray(v8), np.asarray(v16))
+  # The whole train step runs and the RoI features come from the finer map.
+  params, model_state = ps.split_variables(variables)
+  loss, aux = ps.loss_fn(model, config, params, oim.init_state(3, 8, 32),
+                         _batch(), jax.random.PRNGKey(2),
+                         model_state=model_state)
+  assert np.isfinite(loss) and aux["embeddings"].shape == (4 * 32, 32)
 
 
 @pytest.mark.slow

@@ -67,6 +67,8 @@ def default_model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
   # RPN (oim_jax/models/rpn.py).
   c.rpn = ml_collections.ConfigDict()
   c.rpn.channels = 0  # 3x3 conv channels; 0 = C4 channels (1024)
+  # Stride of the RPN's map: 0 = C4's; 16 with stride 8: C4 averaged over 2x2.
+  c.rpn.stride = 0
   c.rpn.fg_iou = 0.7  # anchor fg iff IoU >= 0.7 (plus each GT's best)
   c.rpn.bg_iou = 0.3  # anchor bg iff IoU < 0.3
   c.rpn.batch_size = 256  # sampled anchors per image
@@ -170,18 +172,34 @@ class PersonSearch(nn.Module):
                        f"{images.shape} {images.dtype}")
     return self.stem(pipeline.normalize(images, _dtype(self.config)))
 
-  def anchors(self, c4, image_size):
-    """-> (anchors [A, 4], valid bool [B, A])."""
+  def rpn_stride(self) -> int:
+    """Stride of the map the RPN reads: config.rpn.stride, 0 = C4's."""
+    return self.config.rpn.stride or self.config.stride
+
+  def rpn_input(self, c4):
+    """C4 -> the RPN's input map [B, H/r, W/r, C4], r = rpn_stride().
+
+    With a stride-8 C4 and rpn.stride 16 the RPN reads C4 averaged over 2x2
+    cells: stride-16 anchors (4x fewer, each cell seeing twice the context)
+    while the RoI features still come from the finer map.
+    """
+    if self.rpn_stride() == self.config.stride:
+      return c4
+    return nn.avg_pool(c4, (2, 2), strides=(2, 2), padding="SAME",
+                       count_include_pad=False)
+
+  def anchors(self, rpn_map, image_size):
+    """rpn_map: [B, h, w, C] (rpn_input) -> (anchors [A, 4], valid [B, A])."""
     c = self.config
-    a = ops.anchors(tuple(c4.shape[1:3]), c.stride, c.anchor_sizes,
-                    c.anchor_ratios)
+    a = ops.anchors(tuple(rpn_map.shape[1:3]), self.rpn_stride(),
+                    c.anchor_sizes, c.anchor_ratios)
     valid = jax.vmap(rpn.anchor_valid_mask, (None, 0))(a, image_size)
     return a, valid
 
-  def proposals(self, c4, image_size, logits, deltas, train: bool):
+  def proposals(self, rpn_map, image_size, logits, deltas, train: bool):
     """-> (proposals [B, P, 4], valid [B, P]); no gradient."""
     c = self.config.rpn
-    anchors, valid = self.anchors(c4, image_size)
+    anchors, valid = self.anchors(rpn_map, image_size)
     pre = c.pre_nms_top_n_train if train else c.pre_nms_top_n_test
     post = c.post_nms_top_n_train if train else c.post_nms_top_n_test
     fn = lambda l, d, v, s: rpn.proposals(
@@ -204,7 +222,7 @@ class PersonSearch(nn.Module):
   def __call__(self, images, boxes):
     """Touches every submodule (used by init): returns embeddings [B*K, D]."""
     c4 = self.features(images)
-    self.rpn_head(c4)
+    self.rpn_head(self.rpn_input(c4))
     _, _, emb = self.predictor(self.box_features(c4, boxes))
     if self.num_softmax_classes:
       self.reid_classifier(emb)
@@ -229,8 +247,9 @@ class PersonSearch(nn.Module):
     gt_valid = jnp.asarray(batch["box_mask"], bool)
     b = images.shape[0]
     c4 = self.features(images)
-    logits, deltas = self.rpn_head(c4)
-    anchors, anchor_valid = self.anchors(c4, image_size)
+    rpn_map = self.rpn_input(c4)
+    logits, deltas = self.rpn_head(rpn_map)
+    anchors, anchor_valid = self.anchors(rpn_map, image_size)
     # One key per image from its dataset index: the sampling of an image
     # does not depend on how the global batch is split over devices.
     if "index" in batch:
@@ -246,7 +265,8 @@ class PersonSearch(nn.Module):
     rpn_cls, rpn_reg = rpn.rpn_losses(logits, deltas, targets,
                                       c.rpn.smooth_l1_beta)
 
-    props, props_valid = self.proposals(c4, image_size, logits, deltas, train)
+    props, props_valid = self.proposals(rpn_map, image_size, logits, deltas,
+                                        train)
     samples = jax.vmap(lambda p, pv, g, gp, m, k: roi_heads.sample_rois(
         p, pv, g, gp, m, k, batch_size=c.roi.batch_size,
         fg_fraction=c.roi.fg_fraction, fg_iou=c.roi.fg_iou,
@@ -276,8 +296,9 @@ class PersonSearch(nn.Module):
     c = self.config.roi
     image_sizes = jnp.asarray(image_sizes, jnp.int32)
     c4 = self.features(images)
-    logits, deltas = self.rpn_head(c4)
-    props, props_valid = self.proposals(c4, image_sizes, logits, deltas,
+    rpn_map = self.rpn_input(c4)
+    logits, deltas = self.rpn_head(rpn_map)
+    props, props_valid = self.proposals(rpn_map, image_sizes, logits, deltas,
                                         False)
     b, p = props.shape[:2]
     cls_logits, box_deltas, _ = self.predictor(self.box_features(c4, props))
@@ -324,6 +345,7 @@ def create_model(config, axis_name=None) -> PersonSearch:
   m = config.model
   for field, value, allowed in (
       ("model.stride", m.stride, (16, 8)),
+      ("model.rpn.stride", m.rpn.stride, (0, m.stride, 16)),
       ("model.roi.det_features", m.roi.det_features, ("pooled", "spatial")),
       ("model.roi.embedding_features", m.roi.embedding_features,
        ("pooled", "spatial", "stripes")),

@@ -35,13 +35,19 @@ Why these choices (measured; numbers in the issue notes and the README):
   vs 33.1, det AP 55 vs 62).
 - width 16, not 32: width 32 is 2.7x slower per step and not better per step
   (mAP 25.1 vs 27.1 at step 480, same data).
-- 16 epochs (2,864 steps), lr x0.1 after 12: 17 min 44 s on 2 CPU cores
-  from a fresh machine (dataset generation and compilation included); mAP
-  60.5, top-1 60.0, det AP 87.1, recall 91.4 (README; seeds 0/1/2: mAP
-  60.5/54.3/61.4, recall 91.4/90.7/91.8). Session 4 made the
-  step faster (one-pass GroupNorm, space-to-depth conv1: 0.43 -> 0.33 s in
-  the main job) and spent the time on steps: 11 epochs had given mAP 49.3,
-  13 epochs (lr drop after 10, dataset present) 55.1 in 14 min 7 s.
+- stride-8 C4 (res4 unstrided) for the RoI features, the RPN on C4
+  averaged over 2x2 cells (stride-16 anchors): 6-epoch proxies, mAP 39.2
+  (stride 16) -> 49.5 (stride 8) -> 51.4 (stride 8, RPN at 16), det AP
+  74.4 -> 69.8 -> 75.4, for 0.31 -> 0.40 s/step (0.33 -> 0.37 in the main
+  job). Within noise in the same proxies (not adopted): no weight decay,
+  16 RoIs per image, embedding dim 128, "stripes" embedding input
+  (bench/results/training.md).
+- 13 epochs (2,327 steps), lr x0.1 after 10: 16 min 47 s on 2 CPU cores
+  from a fresh machine (dataset generation and compilation included), 0.37
+  s/step; mAP 63.7, top-1 62.5, det AP 85.8, recall 90.6 (README; seeds
+  0/1/2: mAP 63.7/63.3/62.6, recall 90.6/91.9/93.4). Session 4's recipe
+  (stride 16, 16 epochs at 0.33 s/step, 17 min 44 s): mAP 60.5/54.3/61.4
+  over the same seeds; session 3's (11 epochs at 0.43 s/step): 49.3.
 
   python train.py --config=configs/synthetic.py --workdir=runs/demo
 """
@@ -72,6 +78,8 @@ def get_config():
   c.model.norm_groups = 4
   c.model.anchor_sizes = (32, 64, 128, 256)
   c.model.anchor_ratios = (1.0, 2.0, 3.0)  # h / w: standing people
+  c.model.stride = 8  # RoI features from a stride-8 C4 (small people)
+  c.model.rpn.stride = 16  # the RPN reads C4 averaged over 2x2 cells
   c.model.rpn.post_nms_top_n_test = 100
   c.model.roi.det_features = "spatial"
   c.model.roi.embedding_features = "spatial"
@@ -80,14 +88,14 @@ def get_config():
   c.oim.num_labeled = 675
   c.oim.queue_size = 500
   c.train.batch_size = 4
-  c.train.epochs = 16
+  c.train.epochs = 13
   c.train.optimizer = "adam"
   c.train.lr = 1e-3
   c.train.warmup_epochs = 0.5
-  c.train.lr_milestones = (12,)
+  c.train.lr_milestones = (10,)
   c.train.log_every = 10
   c.train.checkpoint_every = 200
   c.eval.gallery_size = 50
-  c.eval.every_steps = 716  # 4 epochs: the mAP curve in curves.png
+  c.eval.every_steps = 582  # 3.25 epochs: the mAP curve in curves.png
   c.eval.batch_size = 8
   return c

@@ -22,14 +22,16 @@ bounds. GPU rows appear when the suite (`python bench/run_suite.py`) runs on a
 machine with a GPU backend. Regenerate this file with
 `python bench/assemble_benchmarks.py`.
 
-The suite below (`bench/results/suite.md`) was rerun in session 4 (load
-1.2-2.0, i.e. mostly its own two threads) after the faster GroupNorm and
-space-to-depth stem of the tiny model; its breakdown/experiment parts were
-skipped (`--skip=breakdown,experiment`). The ResNet-50 code path did not
-change since session 2's run (train step 13.2 s vs torchvision 15.7 s then,
-13.9 vs 14.8 s now): the difference is run-to-run spread. The investigation section at the end
-(`suite_investigation.md`) is from session 1, measured under load 4-6 before
-that change: its absolute times are not comparable with the suite's.
+The suite below (`bench/results/suite.md`) was rerun in session 5 (load
+1.1-1.8, i.e. mostly its own two threads; breakdown/experiment parts skipped,
+`--skip=breakdown,experiment`) after `configs/synthetic.py` moved to a stride-8
+C4 with the RPN at stride 16: the tiny rows measure that model (train 0.316 ->
+0.372 s/step, 6.2 -> 7.4 GFLOP/image; inference 0.267 -> 0.305 s). The
+ResNet-50 code path did not change since session 2 (train step 13.2 / 13.9 /
+13.4 s vs torchvision 15.7 / 14.8 / 14.6 s in sessions 2 / 4 / 5): the
+differences are run-to-run spread. The investigation section at the end
+(`suite_investigation.md`) is from session 1, measured under load 4-6:
+its absolute times are not comparable with the suite's.
 """
 
 

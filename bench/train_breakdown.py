@@ -120,6 +120,8 @@ def model_parts(names, height, width, dtype, iters):
   apply = lambda p, *a, method: model.apply({"params": p}, *a, method=method)
   c4 = jax.jit(lambda p, im: apply(p, im, method=ps.PersonSearch.features))(
       params, images)
+  # What the RPN reads (C4 itself unless config.model.rpn.stride pools it).
+  rpn_map = apply(params, c4, method=ps.PersonSearch.rpn_input)
   ct = jnp.asarray(rng.standard_normal(c4.shape, np.float32), c4.dtype)
   out = {}
   if "stem_fwd" in names:
@@ -135,13 +137,13 @@ def model_parts(names, height, width, dtype, iters):
     out["rpn_fwd_bwd"] = _time(lambda p, x: jax.grad(
         lambda p, x: sum(jnp.sum(v.astype(jnp.float32)) for v in
                          apply(p, x, method=rpn_fn)), (0, 1))(p, x),
-                               (params, c4), iters)
+                               (params, rpn_map), iters)
   if "proposals" in names:
     def props(p, x, s):
       logits, deltas = apply(p, x, method=lambda m, x: m.rpn_head(x))
       return apply(p, x, s, logits, deltas,
                    method=lambda m, x, s, l, d: m.proposals(x, s, l, d, True))
-    out["proposals"] = _time(props, (params, c4, size), iters)
+    out["proposals"] = _time(props, (params, rpn_map, size), iters)
   # 128 RoIs inside the image (sizes as sampled proposals would have).
   k = 128
   bw = rng.uniform(20, min(300, width / 3), k)

@@ -180,15 +180,12 @@ def _features(x, mode: str, what: str):
   """
   if mode == "pooled":
     return (x if x.ndim == 2 else jnp.mean(x, axis=(1, 2))), 1.0
+  if mode in ("spatial", "stripes") and x.ndim != 4:
+    raise ValueError(f"{what}={mode!r} needs the res5 map [K, h, w, C], got "
+                     f"{x.shape}")
   if mode == "spatial":
-    if x.ndim != 4:
-      raise ValueError(f"{what}='spatial' needs the res5 map [K, h, w, C], "
-                       f"got {x.shape}")
     return x.reshape(x.shape[0], -1), float(x.shape[1] * x.shape[2]) ** -0.5
   if mode == "stripes":
-    if x.ndim != 4:
-      raise ValueError(f"{what}='stripes' needs the res5 map [K, h, w, C], "
-                       f"got {x.shape}")
     return jnp.mean(x, axis=2).reshape(x.shape[0], -1), float(x.shape[1])**-0.5
   raise ValueError(f"model.roi.{what}={mode!r}: use 'pooled', 'spatial' or "
                    "'stripes'")

@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.warmup_factor = 1e-3  # warm-up starts at lr * warmup_factor
   c.train.lr_milestones = (16,)
   c.train.lr_gamma = 0.1
+  c.train.lr_decay = "step"  # "step" (milestones x lr_gamma) | "cosine"
   c.train.log_every = 20
   c.train.checkpoint_every = 1000  # steps; also at the end and on SIGTERM
   c.train.keep_checkpoints = 3
@@ -68,4 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.det_thresh = 0.5
   c.eval.ignore_cam_id = True  # PRW: also search same-camera frames
   c.eval.batch_size = 2
+  # Embed every box also in the mirrored image and average (test-time
+  # augmentation; one more backbone pass per image).
+  c.eval.flip_test = False
   return c

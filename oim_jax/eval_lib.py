@@ -56,8 +56,8 @@ class Inference:
     model = person_search.create_model(config)
     self._detect = jax.jit(lambda p, im, sz: person_search.detect(
         model, config, p, im, sz))
-    self._embed = jax.jit(lambda p, im, bx: person_search.embed_boxes(
-        model, config, p, im, bx))
+    self._embed = jax.jit(lambda p, im, bx, sz: person_search.embed_boxes(
+        model, config, p, im, bx, sz))
 
   def _batches(self, annotations: Sequence[ImageAnnotation], what: str):
     from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -96,7 +96,8 @@ class Inference:
     out = [None] * len(images)
     for batch in self._batches(images, what):
       emb = jax.device_get(self._embed(self.params, batch["image"],
-                                       batch["boxes"][:, :1]))
+                                       batch["boxes"][:, :1],
+                                       batch["image_size"]))
       for i, idx in enumerate(batch["index"]):
         if idx >= 0:
           out[idx] = emb[i, 0]

@@ -3,7 +3,9 @@
 The recipe of the PyTorch OIM reimplementations: SGD with momentum, weight
 decay added to the gradient before momentum (as torch.optim.SGD does), global
 gradient-norm clipping, a linear warm-up from `lr * warmup_factor`, then steps
-of `gamma` at the milestones. Frozen parameters get no update and no decay.
+of `gamma` at the milestones (or, with `lr_decay="cosine"`, a half cosine from
+the end of the warm-up to zero at the last step). Frozen parameters get no
+update and no decay.
 """
 
 from __future__ import annotations
@@ -35,6 +37,30 @@ def learning_rate_schedule(base_lr: float, warmup_steps: int,
   return schedule
 
 
+def cosine_schedule(base_lr: float, warmup_steps: int, warmup_factor: float,
+                    total_steps: int) -> optax.Schedule:
+  """Linear warm-up, then lr = base_lr * (1 + cos(pi * t)) / 2, t: 0 -> 1.
+
+  t runs from the end of the warm-up to `total_steps`, where lr reaches 0
+  (held at 0 past it).
+  """
+  if total_steps <= warmup_steps:
+    raise ValueError(f"a cosine schedule needs more steps ({total_steps}) "
+                     f"than warm-up steps ({warmup_steps})")
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    if warmup_steps > 0:
+      alpha = jnp.minimum(step / warmup_steps, 1.0)
+      warm = warmup_factor * (1.0 - alpha) + alpha
+    else:
+      warm = 1.0
+    t = jnp.clip((step - warmup_steps) / (total_steps - warmup_steps), 0.0, 1.0)
+    return base_lr * warm * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+
+  return schedule
+
+
 def create_optimizer(train_config: Any, steps_per_epoch: int,
                      trainable: Any) -> tuple[optax.GradientTransformation,
                                               optax.Schedule]:
@@ -44,7 +70,10 @@ def create_optimizer(train_config: Any, steps_per_epoch: int,
     train_config: ConfigDict with optimizer ("sgd" | "adam"), lr, momentum,
       weight_decay, clip_norm,
       warmup_epochs (or warmup_steps when schedule_unit == "step"),
-      warmup_factor, lr_milestones, lr_gamma, schedule_unit ("epoch"/"step").
+      warmup_factor, lr_milestones, lr_gamma, schedule_unit ("epoch"/"step"),
+      lr_decay ("step": x lr_gamma at each milestone; "cosine": to 0 at the
+      last step, milestones unused; absent = "step"), and epochs / num_steps
+      (the length of a cosine schedule).
     steps_per_epoch: optimizer steps per epoch (for epoch-based schedules).
     trainable: pytree of bools with the params' structure; False = frozen.
 
@@ -61,8 +90,17 @@ def create_optimizer(train_config: Any, steps_per_epoch: int,
   else:
     raise ValueError(f"config.train.schedule_unit must be 'epoch' or 'step', "
                      f"got {c.schedule_unit!r}")
-  schedule = learning_rate_schedule(c.lr, warmup, c.warmup_factor, milestones,
-                                    c.lr_gamma)
+  decay = c.get("lr_decay", "step")
+  if decay == "step":
+    schedule = learning_rate_schedule(c.lr, warmup, c.warmup_factor,
+                                      milestones, c.lr_gamma)
+  elif decay == "cosine":
+    total = (int(c.num_steps) if c.get("num_steps", 0) > 0
+             else int(round(c.epochs * steps_per_epoch)))
+    schedule = cosine_schedule(c.lr, warmup, c.warmup_factor, total)
+  else:
+    raise ValueError(f"config.train.lr_decay must be 'step' or 'cosine', got "
+                     f"{decay!r}")
   parts = []
   if c.clip_norm and c.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(c.clip_norm))

@@ -67,3 +67,32 @@ def test_bad_schedule_unit():
   with pytest.raises(ValueError, match="schedule_unit"):
     optim.create_optimizer(_train_config(schedule_unit="iters"), 10,
                            {"w": True})
+
+
+def test_cosine_schedule_hand_computed():
+  # 10 steps/epoch, 1 warm-up epoch, 5 epochs: cosine over steps 10..50.
+  _, sched = optim.create_optimizer(
+      _train_config(lr_decay="cosine", epochs=5, num_steps=0),
+      steps_per_epoch=10, trainable={"w": True})
+  np.testing.assert_allclose(sched(0), 3e-6, rtol=1e-5)
+  np.testing.assert_allclose(sched(10), 0.003, rtol=1e-6)
+  np.testing.assert_allclose(sched(20), 0.003 * (1 + np.cos(np.pi / 4)) / 2,
+                             rtol=1e-5)
+  np.testing.assert_allclose(sched(30), 0.0015, rtol=1e-5)
+  np.testing.assert_allclose(sched(50), 0.0, atol=1e-12)
+  np.testing.assert_allclose(sched(60), 0.0, atol=1e-12)
+  # num_steps overrides epochs.
+  _, sched = optim.create_optimizer(
+      _train_config(lr_decay="cosine", epochs=5, num_steps=30,
+                    warmup_epochs=0.0),
+      steps_per_epoch=10, trainable={"w": True})
+  np.testing.assert_allclose(sched(15), 0.0015, rtol=1e-5)
+
+
+def test_bad_lr_decay():
+  with pytest.raises(ValueError, match="lr_decay"):
+    optim.create_optimizer(_train_config(lr_decay="linear"), 10, {"w": True})
+  with pytest.raises(ValueError, match="warm-up"):
+    optim.create_optimizer(
+        _train_config(lr_decay="cosine", epochs=1, num_steps=0), 10,
+        {"w": True})

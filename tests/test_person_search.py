@@ -294,3 +294,44 @@ def test_tiny_model_overfits_four_images():
         # The detection on this person is nearest to its own LUT row.
         e = emb[int(np.argmax(ious))]
         assert int(np.argmax(lut @ e)) == pid, (i, pid, lut @ e)
+
+
+def test_flip_test_averages_mirrored_embeddings():
+  config = _config()
+  model = ps.create_model(config)
+  variables = ps.init_variables(model, config, jax.random.PRNGKey(0))
+  batch = _batch()
+  flip_config = _config()
+  flip_config.eval = ml_collections.ConfigDict(dict(flip_test=True))
+  embed = lambda cfg: jax.jit(lambda im, bx, sz: ps.embed_boxes(
+      model, cfg, variables, im, bx, sz))
+  plain, flipped = embed(config), embed(flip_config)
+  # The mirrored scenes, built in NumPy.
+  images, boxes = batch["image"].copy(), batch["boxes"].copy()
+  for i, (h, w) in enumerate(batch["image_size"]):
+    images[i, :h, :w] = batch["image"][i, :h, :w][:, ::-1]
+    boxes[i, :, 0] = w - batch["boxes"][i, :, 2]
+    boxes[i, :, 2] = w - batch["boxes"][i, :, 0]
+  sizes = batch["image_size"]
+  e = np.asarray(plain(batch["image"], batch["boxes"], sizes))
+  e_mirror = np.asarray(plain(images, boxes, sizes))
+  want = (e + e_mirror) / np.linalg.norm(e + e_mirror, axis=-1,
+                                         keepdims=True)
+  got = np.asarray(flipped(batch["image"], batch["boxes"], sizes))
+  m = batch["box_mask"]
+  np.testing.assert_allclose(got[m], want[m], atol=1e-5)
+  assert np.abs(e[m] - e_mirror[m]).max() > 1e-3  # the flip matters
+  # Mirror-invariant: the mirrored scene gives the same embeddings.
+  np.testing.assert_allclose(np.asarray(flipped(images, boxes, sizes))[m],
+                             got[m], atol=1e-5)
+  # detect(): same boxes as without flipping, flip-averaged embeddings.
+  det = lambda cfg: jax.jit(lambda im, sz: ps.detect(
+      model, cfg, variables, im, sz))(batch["image"], sizes)
+  d0, d1 = det(config), det(flip_config)
+  np.testing.assert_array_equal(np.asarray(d0["boxes"]),
+                                np.asarray(d1["boxes"]))
+  valid = np.asarray(d1["valid"])
+  assert valid.any()
+  ref = np.asarray(flipped(batch["image"], d1["boxes"], sizes))
+  np.testing.assert_allclose(np.asarray(d1["embeddings"])[valid],
+                             ref[valid], atol=1e-5)

@@ -291,8 +291,11 @@ class PersonSearch(nn.Module):
       out["reid_logits"] = self.reid_classifier(emb)
     return out
 
-  def detect(self, images, image_sizes):
-    """Detections with embeddings of the final (regressed) boxes."""
+  def detect(self, images, image_sizes, flip_test: bool = False):
+    """Detections with embeddings of the final (regressed) boxes.
+
+    flip_test: also embed the boxes in the mirrored images and average.
+    """
     c = self.config.roi
     image_sizes = jnp.asarray(image_sizes, jnp.int32)
     c4 = self.features(images)
@@ -311,6 +314,8 @@ class PersonSearch(nn.Module):
             box_deltas.reshape(b, p, 4), image_sizes)
     # OIM inference: re-pool the regressed boxes and embed them.
     emb = self.embed(c4, boxes)
+    if flip_test:
+      emb = self._with_flipped(emb, images, image_sizes, boxes)
     emb = jnp.where(valid[..., None], emb, 0.0)
     return {"boxes": boxes, "scores": scores, "embeddings": emb,
             "valid": valid}
@@ -320,8 +325,26 @@ class PersonSearch(nn.Module):
     _, _, emb = self.predictor(self.box_features(c4, boxes))
     return emb.reshape(boxes.shape[:2] + emb.shape[-1:])
 
-  def embed_images(self, images, boxes):
-    return self.embed(self.features(images), jnp.asarray(boxes, jnp.float32))
+  def embed_images(self, images, boxes, image_sizes=None,
+                   flip_test: bool = False):
+    """uint8 images [B, H, W, 3], boxes [B, K, 4] -> embeddings [B, K, D]."""
+    boxes = jnp.asarray(boxes, jnp.float32)
+    emb = self.embed(self.features(images), boxes)
+    if flip_test:
+      if image_sizes is None:
+        raise ValueError("flip_test needs image_sizes (the valid h, w of "
+                         "each padded image)")
+      emb = self._with_flipped(emb, images, image_sizes, boxes)
+    return emb
+
+  def _with_flipped(self, emb, images, image_sizes, boxes):
+    """The mean of emb and the mirrored boxes' embeddings, re-normalised."""
+    widths = jnp.asarray(image_sizes, jnp.int32)[:, 1]
+    flipped = self.embed(self.features(ops.flip_images(images, widths)),
+                         ops.flip_boxes(boxes, widths))
+    mean = emb + flipped
+    return mean * jax.lax.rsqrt(
+        jnp.maximum(jnp.sum(mean * mean, axis=-1, keepdims=True), 1e-12))
 
 
 def _dtype(model_config):
@@ -467,13 +490,20 @@ def detect(model: PersonSearch, config, params, images, image_sizes):
     {"boxes" [B, M, 4], "scores" [B, M], "embeddings" [B, M, D],
      "valid" bool [B, M]} with M = config.model.roi.detections_per_image.
   """
-  del config  # carried by the model
   return model.apply(_variables(params), images, image_sizes,
-                     method=PersonSearch.detect)
+                     _flip_test(config), method=PersonSearch.detect)
 
 
-def embed_boxes(model: PersonSearch, config, params, images, boxes):
-  """Embeddings of given boxes (e.g. a query's GT box): [B, K, D]."""
-  del config
-  return model.apply(_variables(params), images, boxes,
-                     method=PersonSearch.embed_images)
+def embed_boxes(model: PersonSearch, config, params, images, boxes,
+                image_sizes=None):
+  """Embeddings of given boxes (e.g. a query's GT box): [B, K, D].
+
+  image_sizes [B, 2] (h, w) is needed with config.eval.flip_test.
+  """
+  return model.apply(_variables(params), images, boxes, image_sizes,
+                     _flip_test(config), method=PersonSearch.embed_images)
+
+
+def _flip_test(config) -> bool:
+  """config.eval.flip_test (False where a config has no eval section)."""
+  return bool("eval" in config and config.eval.get("flip_test", False))

@@ -335,3 +335,81 @@ def test_flip_test_averages_mirrored_embeddings():
   ref = np.asarray(flipped(batch["image"], d1["boxes"], sizes))
   np.testing.assert_allclose(np.asarray(d1["embeddings"])[valid],
                              ref[valid], atol=1e-5)
+
+
+def _decode_np(deltas, boxes, size):
+  """torchvision box decoding with the RoI head's weights (10, 10, 5, 5)."""
+  w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+  cx, cy = boxes[:, 0] + 0.5 * w, boxes[:, 1] + 0.5 * h
+  dx, dy = deltas[:, 0] / 10, deltas[:, 1] / 10
+  dw = np.minimum(deltas[:, 2] / 5, np.log(1000.0 / 16))
+  dh = np.minimum(deltas[:, 3] / 5, np.log(1000.0 / 16))
+  pcx, pcy, pw, ph = cx + dx * w, cy + dy * h, w * np.exp(dw), h * np.exp(dh)
+  out = np.stack([pcx - pw / 2, pcy - ph / 2, pcx + pw / 2, pcy + ph / 2], -1)
+  out[:, 0::2] = np.clip(out[:, 0::2], 0, size[1])
+  out[:, 1::2] = np.clip(out[:, 1::2], 0, size[0])
+  return out
+
+
+def _nms_np(boxes, scores, thresh, top):
+  order, keep = list(np.argsort(-scores, kind="stable")), []
+  while order and len(keep) < top:
+    i = order.pop(0)
+    keep.append(i)
+    order = [j for j in order if _iou(boxes[i], boxes[j]) <= thresh]
+  return keep
+
+
+def test_iterative_box_refinement_matches_numpy_two_pass():
+  config = _config()
+  config.model.roi.score_thresh = 0.3  # an untrained head: keep some boxes
+  model = ps.create_model(config)
+  variables = ps.init_variables(model, config, jax.random.PRNGKey(0))
+  batch = _batch()
+  images, sizes = batch["image"], batch["image_size"]
+  refined_config = _config()
+  refined_config.model.roi.score_thresh = 0.3
+  refined_config.model.roi.refine_iters = 1
+  refined_model = ps.create_model(refined_config)
+  got = jax.jit(lambda im, sz: ps.detect(
+      refined_model, refined_config, variables, im, sz))(images, sizes)
+
+  def first_pass(m, im, sz):
+    c4 = m.features(im)
+    rpn_map = m.rpn_input(c4)
+    logits, deltas = m.rpn_head(rpn_map)
+    props, valid = m.proposals(rpn_map, sz, logits, deltas, False)
+    cls, d, _ = m.predictor(m.box_features(c4, props))
+    return props, valid, cls, d
+
+  def head(m, im, boxes):
+    cls, d, _ = m.predictor(m.box_features(m.features(im), boxes))
+    return cls, d
+
+  props, pvalid, cls1, d1 = map(np.asarray, model.apply(
+      variables, images, sizes, method=first_pass))
+  b, p = props.shape[:2]
+  refined = np.stack([_decode_np(d1.reshape(b, p, 4)[i], props[i], sizes[i])
+                      for i in range(b)]).astype(np.float32)
+  cls2, d2 = map(np.asarray, model.apply(variables, images, refined,
+                                         method=head))
+  soft = lambda z: (np.exp(z) / np.exp(z).sum(-1, keepdims=True))[..., 1]
+  scores = (soft(cls1.reshape(b, p, 2)) + soft(cls2.reshape(b, p, 2))) / 2
+  n_kept = 0
+  for i in range(b):
+    final = _decode_np(d2.reshape(b, p, 4)[i], refined[i], sizes[i])
+    ok = (pvalid[i] & (scores[i] >= 0.3) &
+          (final[:, 2] - final[:, 0] >= 1e-2) &
+          (final[:, 3] - final[:, 1] >= 1e-2))
+    idx = np.flatnonzero(ok)
+    keep = idx[_nms_np(final[idx], scores[i][idx], 0.4, 8)]
+    valid = np.asarray(got["valid"][i])
+    assert valid.sum() == len(keep), (i, valid.sum(), len(keep))
+    np.testing.assert_allclose(np.asarray(got["boxes"][i])[valid],
+                               final[keep], atol=2e-3)
+    np.testing.assert_allclose(np.asarray(got["scores"][i])[valid],
+                               scores[i][keep], atol=1e-5)
+    n_kept += len(keep)
+    # The second pass moved the boxes: refinement is not a no-op here.
+    assert np.abs(refined[i][pvalid[i]] - props[i][pvalid[i]]).max() > 1e-3
+  assert n_kept > 0

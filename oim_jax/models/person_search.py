@@ -101,6 +101,9 @@ def default_model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
   c.roi.detections_per_image = 100  # test: M, padded with valid=False
   c.roi.min_size = 1e-2
   c.roi.smooth_l1_beta = 1.0 / 9
+  # Test: feed the regressed boxes back through the box head this many more
+  # times (scores averaged over the passes); 0 = one pass (the paper).
+  c.roi.refine_iters = 0
   # Identity embedding.
   c.embedding_dim = 256
   # "none" | "batchnorm" (BN neck, state in `batch_stats`) | "layernorm"
@@ -305,13 +308,26 @@ class PersonSearch(nn.Module):
                                         False)
     b, p = props.shape[:2]
     cls_logits, box_deltas, _ = self.predictor(self.box_features(c4, props))
-    boxes, scores, valid = jax.vmap(lambda pr, pv, cl, d, s:
+    cls_logits = cls_logits.reshape(b, p, 2)
+    box_deltas = box_deltas.reshape(b, p, 4)
+    person = jax.nn.softmax(cls_logits, axis=-1)[..., 1]
+    stage_scores = [person]
+    # Iterative regression (Gidaris & Komodakis 2015): the head's boxes are
+    # fed back through the same head; the scores of all stages are averaged.
+    for _ in range(c.get("refine_iters", 0)):
+      props = jax.vmap(roi_heads.refine_boxes)(props, box_deltas, image_sizes)
+      cls_logits, box_deltas, _ = self.predictor(
+          self.box_features(c4, props))
+      cls_logits = cls_logits.reshape(b, p, 2)
+      box_deltas = box_deltas.reshape(b, p, 4)
+      stage_scores.append(jax.nn.softmax(cls_logits, axis=-1)[..., 1])
+    scores = sum(stage_scores) / len(stage_scores)
+    boxes, scores, valid = jax.vmap(lambda pr, pv, cl, d, s, sc:
                                     roi_heads.postprocess(
         pr, pv, cl, d, s, score_thresh=c.score_thresh,
         nms_thresh=c.nms_thresh, detections=c.detections_per_image,
-        min_size=c.min_size))(
-            props, props_valid, cls_logits.reshape(b, p, 2),
-            box_deltas.reshape(b, p, 4), image_sizes)
+        min_size=c.min_size, scores=sc))(
+            props, props_valid, cls_logits, box_deltas, image_sizes, scores)
     # OIM inference: re-pool the regressed boxes and embed them.
     emb = self.embed(c4, boxes)
     if flip_test:

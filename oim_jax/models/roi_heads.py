@@ -213,9 +213,15 @@ def detection_losses(cls_logits, deltas, samples: RoISamples,
   return cls, reg
 
 
+def refine_boxes(boxes, deltas, image_size):
+  """One regression step: boxes [P, 4] moved by deltas [P, 4], clipped."""
+  return ops.clip_boxes(ops.decode_boxes(deltas, boxes, ops.ROI_HEAD_WEIGHTS),
+                        image_size)
+
+
 def postprocess(proposals, proposal_valid, cls_logits, deltas, image_size, *,
                 score_thresh: float, nms_thresh: float, detections: int,
-                min_size: float = 1e-2):
+                min_size: float = 1e-2, scores=None):
   """Final detections of one image.
 
   Decodes the person-class regression on the proposals, clips, drops low
@@ -223,14 +229,16 @@ def postprocess(proposals, proposal_valid, cls_logits, deltas, image_size, *,
 
   Args:
     proposals: [P, 4]; proposal_valid: bool [P]; cls_logits: [P, 2];
-    deltas: [P, 4]; image_size: [2] (h, w).
+    deltas: [P, 4]; image_size: [2] (h, w); scores: optional person scores
+      [P] used instead of softmax(cls_logits) (iterative refinement averages
+      the scores of its stages).
   Returns:
     (boxes [M, 4], scores [M], valid bool [M]), M = detections, by score;
     invalid slots have box 0 and score 0.
   """
-  scores = jax.nn.softmax(cls_logits, axis=-1)[:, 1]
-  boxes = ops.decode_boxes(deltas, proposals, ops.ROI_HEAD_WEIGHTS)
-  boxes = ops.clip_boxes(boxes, image_size)
+  if scores is None:
+    scores = jax.nn.softmax(cls_logits, axis=-1)[:, 1]
+  boxes = refine_boxes(proposals, deltas, image_size)
   valid = (proposal_valid & (scores >= score_thresh) &
            ops.small_box_mask(boxes, min_size))
   keep, _ = ops.nms(boxes, scores, nms_thresh, detections, valid=valid)

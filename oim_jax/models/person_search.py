@@ -297,6 +297,8 @@ class PersonSearch(nn.Module):
   def detect(self, images, image_sizes, flip_test: bool = False):
     """Detections with embeddings of the final (regressed) boxes.
 
+    With config.roi.refine_iters = N > 0 the box head runs N more times on
+    its own regressed boxes (static shapes: the same P boxes per pass).
     flip_test: also embed the boxes in the mirrored images and average.
     """
     c = self.config.roi
@@ -310,8 +312,7 @@ class PersonSearch(nn.Module):
     cls_logits, box_deltas, _ = self.predictor(self.box_features(c4, props))
     cls_logits = cls_logits.reshape(b, p, 2)
     box_deltas = box_deltas.reshape(b, p, 4)
-    person = jax.nn.softmax(cls_logits, axis=-1)[..., 1]
-    stage_scores = [person]
+    stage_scores = [jax.nn.softmax(cls_logits, axis=-1)[..., 1]]
     # Iterative regression (Gidaris & Komodakis 2015): the head's boxes are
     # fed back through the same head; the scores of all stages are averaged.
     for _ in range(c.get("refine_iters", 0)):

@@ -14,7 +14,55 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+# NumPy references shared by the box, NMS and detection tests.
+
+def np_decode(d, ref, w, clip=math.log(1000.0 / 16)):
+  """torchvision box decoding, one box at a time (weights w, dw/dh clamp)."""
+  out = np.zeros_like(d, np.float64)
+  for i in range(len(d)):
+    rw, rh = ref[i, 2] - ref[i, 0], ref[i, 3] - ref[i, 1]
+    rx, ry = ref[i, 0] + 0.5 * rw, ref[i, 1] + 0.5 * rh
+    cx = d[i, 0] / w[0] * rw + rx
+    cy = d[i, 1] / w[1] * rh + ry
+    pw = math.exp(min(d[i, 2] / w[2], clip)) * rw
+    ph = math.exp(min(d[i, 3] / w[3], clip)) * rh
+    out[i] = [cx - pw / 2, cy - ph / 2, cx + pw / 2, cy + ph / 2]
+  return out
+
+
+def np_greedy_nms(boxes, scores, thr, valid=None):
+  """torchvision.ops.nms semantics: stable descending sort, suppress if IoU > thr."""
+  boxes = boxes.astype(np.float32)
+  ok = np.isfinite(scores) | (scores == np.inf)
+  if valid is not None:
+    ok &= valid
+  cand = [i for i in np.argsort(-scores, kind="stable") if ok[i]]
+  area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+  suppressed = np.zeros(len(boxes), bool)
+  keep = []
+  for i in cand:
+    if suppressed[i]:
+      continue
+    keep.append(i)
+    # IoU of box i with every box, in float32 like the C++ kernel.
+    w = np.maximum(np.float32(0), np.minimum(boxes[i, 2], boxes[:, 2]) -
+                   np.maximum(boxes[i, 0], boxes[:, 0]))
+    h = np.maximum(np.float32(0), np.minimum(boxes[i, 3], boxes[:, 3]) -
+                   np.maximum(boxes[i, 1], boxes[:, 1]))
+    inter = w * h
+    union = area[i] + area - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+      over = (union > 0) & (inter / union > thr)
+    over[i] = False
+    suppressed |= over
+  return np.array(keep, np.int64)
+
 
 # A synthetic dataset small enough for end-to-end tests: half-size scenes,
 # 16 train scenes (8 identities), the 56 test scenes a 50-image gallery needs.

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conftest import np_decode as _np_decode
 from oim_jax import ops
 
 
@@ -73,19 +74,6 @@ def _np_encode(gt, ref, w):
     gx, gy = gt[i, 0] + 0.5 * gw, gt[i, 1] + 0.5 * gh
     out[i] = [w[0] * (gx - ex) / ew, w[1] * (gy - ey) / eh,
               w[2] * math.log(gw / ew), w[3] * math.log(gh / eh)]
-  return out
-
-
-def _np_decode(d, ref, w, clip=math.log(1000.0 / 16)):
-  out = np.zeros_like(d, np.float64)
-  for i in range(len(d)):
-    rw, rh = ref[i, 2] - ref[i, 0], ref[i, 3] - ref[i, 1]
-    rx, ry = ref[i, 0] + 0.5 * rw, ref[i, 1] + 0.5 * rh
-    cx = d[i, 0] / w[0] * rw + rx
-    cy = d[i, 1] / w[1] * rh + ry
-    pw = math.exp(min(d[i, 2] / w[2], clip)) * rw
-    ph = math.exp(min(d[i, 3] / w[3], clip)) * rh
-    out[i] = [cx - pw / 2, cy - ph / 2, cx + pw / 2, cy + ph / 2]
   return out
 
 

@@ -5,35 +5,8 @@ import functools
 import jax
 import numpy as np
 
+from conftest import np_greedy_nms as _np_greedy_nms
 from oim_jax import ops
-
-
-def _np_greedy_nms(boxes, scores, thr, valid=None):
-  """torchvision.ops.nms semantics: stable descending sort, suppress if IoU > thr."""
-  boxes = boxes.astype(np.float32)
-  ok = np.isfinite(scores) | (scores == np.inf)
-  if valid is not None:
-    ok &= valid
-  cand = [i for i in np.argsort(-scores, kind="stable") if ok[i]]
-  area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-  suppressed = np.zeros(len(boxes), bool)
-  keep = []
-  for i in cand:
-    if suppressed[i]:
-      continue
-    keep.append(i)
-    # IoU of box i with every box, in float32 like the C++ kernel.
-    w = np.maximum(np.float32(0), np.minimum(boxes[i, 2], boxes[:, 2]) -
-                   np.maximum(boxes[i, 0], boxes[:, 0]))
-    h = np.maximum(np.float32(0), np.minimum(boxes[i, 3], boxes[:, 3]) -
-                   np.maximum(boxes[i, 1], boxes[:, 1]))
-    inter = w * h
-    union = area[i] + area - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-      over = (union > 0) & (inter / union > thr)
-    over[i] = False
-    suppressed |= over
-  return np.array(keep, np.int64)
 
 
 def _clustered_boxes(rng, n, size=200.0):

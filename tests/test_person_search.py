@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import np_decode, np_greedy_nms
 from oim_jax import oim
 from oim_jax.models import person_search as ps
 from oim_jax.models import resnet
@@ -337,27 +338,12 @@ def test_flip_test_averages_mirrored_embeddings():
                              ref[valid], atol=1e-5)
 
 
-def _decode_np(deltas, boxes, size):
-  """torchvision box decoding with the RoI head's weights (10, 10, 5, 5)."""
-  w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-  cx, cy = boxes[:, 0] + 0.5 * w, boxes[:, 1] + 0.5 * h
-  dx, dy = deltas[:, 0] / 10, deltas[:, 1] / 10
-  dw = np.minimum(deltas[:, 2] / 5, np.log(1000.0 / 16))
-  dh = np.minimum(deltas[:, 3] / 5, np.log(1000.0 / 16))
-  pcx, pcy, pw, ph = cx + dx * w, cy + dy * h, w * np.exp(dw), h * np.exp(dh)
-  out = np.stack([pcx - pw / 2, pcy - ph / 2, pcx + pw / 2, pcy + ph / 2], -1)
+def _decode_clip_np(deltas, boxes, size):
+  """The RoI head's decoding (weights 10, 10, 5, 5), clipped to (h, w)."""
+  out = np_decode(deltas, boxes, (10.0, 10.0, 5.0, 5.0))
   out[:, 0::2] = np.clip(out[:, 0::2], 0, size[1])
   out[:, 1::2] = np.clip(out[:, 1::2], 0, size[0])
   return out
-
-
-def _nms_np(boxes, scores, thresh, top):
-  order, keep = list(np.argsort(-scores, kind="stable")), []
-  while order and len(keep) < top:
-    i = order.pop(0)
-    keep.append(i)
-    order = [j for j in order if _iou(boxes[i], boxes[j]) <= thresh]
-  return keep
 
 
 def test_iterative_box_refinement_matches_numpy_two_pass():
@@ -389,7 +375,7 @@ def test_iterative_box_refinement_matches_numpy_two_pass():
   props, pvalid, cls1, d1 = map(np.asarray, model.apply(
       variables, images, sizes, method=first_pass))
   b, p = props.shape[:2]
-  refined = np.stack([_decode_np(d1.reshape(b, p, 4)[i], props[i], sizes[i])
+  refined = np.stack([_decode_clip_np(d1.reshape(b, p, 4)[i], props[i], sizes[i])
                       for i in range(b)]).astype(np.float32)
   cls2, d2 = map(np.asarray, model.apply(variables, images, refined,
                                          method=head))
@@ -397,12 +383,11 @@ def test_iterative_box_refinement_matches_numpy_two_pass():
   scores = (soft(cls1.reshape(b, p, 2)) + soft(cls2.reshape(b, p, 2))) / 2
   n_kept = 0
   for i in range(b):
-    final = _decode_np(d2.reshape(b, p, 4)[i], refined[i], sizes[i])
+    final = _decode_clip_np(d2.reshape(b, p, 4)[i], refined[i], sizes[i])
     ok = (pvalid[i] & (scores[i] >= 0.3) &
           (final[:, 2] - final[:, 0] >= 1e-2) &
           (final[:, 3] - final[:, 1] >= 1e-2))
-    idx = np.flatnonzero(ok)
-    keep = idx[_nms_np(final[idx], scores[i][idx], 0.4, 8)]
+    keep = np_greedy_nms(final, scores[i], 0.4, valid=ok)[:8]
     valid = np.asarray(got["valid"][i])
     assert valid.sum() == len(keep), (i, valid.sum(), len(keep))
     np.testing.assert_allclose(np.asarray(got["boxes"][i])[valid],

@@ -309,20 +309,21 @@ class PersonSearch(nn.Module):
     props, props_valid = self.proposals(rpn_map, image_sizes, logits, deltas,
                                         False)
     b, p = props.shape[:2]
-    cls_logits, box_deltas, _ = self.predictor(self.box_features(c4, props))
-    cls_logits = cls_logits.reshape(b, p, 2)
-    box_deltas = box_deltas.reshape(b, p, 4)
-    stage_scores = [jax.nn.softmax(cls_logits, axis=-1)[..., 1]]
+
+    def box_head(boxes):  # [B, P, 4] -> logits [B, P, 2], deltas [B, P, 4]
+      logits, deltas, _ = self.predictor(self.box_features(c4, boxes))
+      return logits.reshape(b, p, 2), deltas.reshape(b, p, 4)
+
+    cls_logits, box_deltas = box_head(props)
+    scores = jax.nn.softmax(cls_logits, axis=-1)[..., 1]
     # Iterative regression (Gidaris & Komodakis 2015): the head's boxes are
-    # fed back through the same head; the scores of all stages are averaged.
-    for _ in range(c.get("refine_iters", 0)):
+    # fed back through the same head; the scores of all passes are averaged.
+    passes = 1 + c.get("refine_iters", 0)
+    for _ in range(passes - 1):
       props = jax.vmap(roi_heads.refine_boxes)(props, box_deltas, image_sizes)
-      cls_logits, box_deltas, _ = self.predictor(
-          self.box_features(c4, props))
-      cls_logits = cls_logits.reshape(b, p, 2)
-      box_deltas = box_deltas.reshape(b, p, 4)
-      stage_scores.append(jax.nn.softmax(cls_logits, axis=-1)[..., 1])
-    scores = sum(stage_scores) / len(stage_scores)
+      cls_logits, box_deltas = box_head(props)
+      scores += jax.nn.softmax(cls_logits, axis=-1)[..., 1]
+    scores = scores / passes
     boxes, scores, valid = jax.vmap(lambda pr, pv, cl, d, s, sc:
                                     roi_heads.postprocess(
         pr, pv, cl, d, s, score_thresh=c.score_thresh,

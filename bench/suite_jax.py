@@ -66,7 +66,8 @@ def bench_config(preset: str, height: int, width: int, batch: int,
                  ) -> ml_collections.ConfigDict:
   """configs/synthetic.py (tiny) or configs/cuhk.py (resnet50), no weights.
 
-  model_overrides: {field: value} set on config.model (bench variants).
+  model_overrides: {field: value} set on config.model (bench variants); a
+    dotted field ("roi.pool_size") names a nested one.
   """
   if preset == "tiny":
     from configs import synthetic as cfg  # pylint: disable=g-import-not-at-top
@@ -80,7 +81,11 @@ def bench_config(preset: str, height: int, width: int, batch: int,
   c.data.min_size, c.data.max_size = min(height, width), max(height, width)
   c.train.batch_size = batch
   for key, value in (model_overrides or {}).items():
-    c.model[key] = value
+    *path, field = key.split(".")  # "roi.pool_size" -> c.model.roi
+    node = c.model
+    for part in path:
+      node = node[part]
+    node[field] = value
   return c
 
 

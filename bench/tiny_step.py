@@ -1,6 +1,6 @@
 """Where the synthetic (tiny) train step's time goes, and two speed-ups.
 
-  python bench/tiny_step.py [--parts gn,conv1,step] [--iters 20] [--steps 25]
+  python bench/tiny_step.py [--parts gn,conv1,step,roi] [--iters 20] [--steps 25]
 
 Parts:
   gn     GroupNorm forward + backward (to input, scale, bias) at every shape
@@ -14,6 +14,10 @@ Parts:
   step   the whole synthetic train step (bench/suite_jax.py train, tiny,
          288x384, batch 4, random batches) with and without the
          space-to-depth stem.
+  roi    the same step at 288x480 as configs/synthetic.py has it, and with
+         the RoI head made cheaper: RoIAlign to 10x10 (res5 on 5x5 instead
+         of 7x7) or 16 sampled RoIs per image instead of 32 (res5 on the
+         RoIs is most of the step's FLOPs).
 Medians over --iters calls (--steps for the train step). The last line of
 stdout is one JSON object.
 """
@@ -112,6 +116,20 @@ def step_part(steps):
   return out
 
 
+ROI_VARIANTS = (("as_configured", {}), ("pool10", {"roi.pool_size": 10}),
+                ("rois16", {"roi.batch_size": 16}))
+
+
+def roi_part(steps):
+  out = {}
+  for name, overrides in ROI_VARIANTS:
+    r = suite_jax.run_train("tiny", 288, 480, 4, "float32", steps, 4,
+                            overrides)
+    out[f"roi_{name}_step_s"] = r["step_s"]
+    out[f"roi_{name}_gflop_per_image"] = r["flops_per_image"] / 1e9
+  return out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--parts", default="gn,conv1,step")
@@ -126,6 +144,8 @@ def main():
     res.update(conv1_part(a.iters))
   if "step" in parts:
     res.update(step_part(a.steps))
+  if "roi" in parts:
+    res.update(roi_part(a.steps))
   for k, v in res.items():
     print(f"{k:48s} {v:9.3f}")
   print(json.dumps(res))

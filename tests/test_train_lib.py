@@ -204,3 +204,30 @@ def test_sigterm_saves_and_exits_cleanly(tiny_synthetic_root, tmp_path):
   assert proc.returncode == 0, err[-2000:]
   step, _ = _final_state(workdir)
   assert 1 <= step < 200  # saved where it stopped, not at a periodic step
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def test_synthetic_long_variant_only_lengthens_the_schedule():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "synthetic_config", os.path.join(REPO, "configs", "synthetic.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  base = _flatten(module.get_config().to_dict())
+  long = _flatten(module.get_config("long").to_dict())
+  assert base.keys() == long.keys()
+  changed = {k: (base[k], long[k]) for k in base if base[k] != long[k]}
+  assert changed == {"train.epochs": (15, 30),
+                     "train.lr_milestones": ((12,), (24,)),
+                     "eval.every_steps": (672, 1343)}
+  with pytest.raises(ValueError, match="long"):
+    module.get_config("short")

@@ -63,10 +63,10 @@ Why these choices (measured; numbers in the issue notes and the README):
 - What more time buys (session 7): the "long" variant below, 30 epochs,
   lr x0.1 after 24 (31 min): mAP 85.3, top-1 87.5, det AP 96.7, recall
   97.3 (seed 1, 34 min: 83.3 / 86.3 / 96.4 / 96.7); 19 epochs (22 min at
-  0.34 s/step): 79.9 / 82.5. Not faster at equal
-  quality: RoIAlign 10x10 (res5 on 5x5) is a 1.5x faster step but 19
-  epochs of it scored mAP 74.8; Adam lr 2e-3 (6-epoch proxy 52.8 vs 60.4),
-  larger test images, a third refinement pass (76.2) did not help either.
+  0.34 s/step): 79.9 / 82.5. Not faster at equal quality: RoIAlign
+  10x10 (res5 on 5x5) is a 1.5-1.8x faster step but 19 epochs of it
+  scored mAP 74.8; Adam lr 2e-3 (6-epoch proxy 52.8 vs 60.4), larger test
+  images, a third refinement pass (76.2) did not help either.
 
   python train.py --config=configs/synthetic.py --workdir=runs/demo
   python train.py --config=configs/synthetic.py:long --workdir=runs/long

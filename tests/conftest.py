@@ -81,15 +81,20 @@ def tiny_synthetic_root(tmp_path_factory):
   return synthetic.ensure_synthetic(root, **TINY_SYNTHETIC)
 
 
-def tiny_train_config(root: str, **train):
-  """configs/synthetic.py shrunk for tests: tiny images, few steps."""
+def synthetic_config_module():
+  """configs/synthetic.py as a module (configs/ is not a package)."""
   import importlib.util
   path = os.path.join(os.path.dirname(__file__), "..", "configs",
                       "synthetic.py")
   spec = importlib.util.spec_from_file_location("synthetic_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config()
+  return module
+
+
+def tiny_train_config(root: str, **train):
+  """configs/synthetic.py shrunk for tests: tiny images, few steps."""
+  c = synthetic_config_module().get_config()
   c.data.root = root
   c.data.synthetic.update(TINY_SYNTHETIC)
   c.data.min_size, c.data.max_size = 128, 192

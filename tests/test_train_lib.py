@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_train_config
+from conftest import synthetic_config_module, tiny_train_config
 from oim_jax import checkpointing
 from oim_jax import train_lib
 
@@ -206,24 +206,12 @@ def test_sigterm_saves_and_exits_cleanly(tiny_synthetic_root, tmp_path):
   assert 1 <= step < 200  # saved where it stopped, not at a periodic step
 
 
-def _flatten(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
 def test_synthetic_long_variant_only_lengthens_the_schedule():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "synthetic_config", os.path.join(REPO, "configs", "synthetic.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  base = _flatten(module.get_config().to_dict())
-  long = _flatten(module.get_config("long").to_dict())
+  from flax import traverse_util
+  module = synthetic_config_module()
+  flat = lambda c: traverse_util.flatten_dict(c.to_dict(), sep=".")
+  base = flat(module.get_config())
+  long = flat(module.get_config("long"))
   assert base.keys() == long.keys()
   changed = {k: (base[k], long[k]) for k in base if base[k] != long[k]}
   assert changed == {"train.epochs": (15, 30),

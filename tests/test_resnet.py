@@ -192,3 +192,51 @@ def test_space_to_depth_stem_conv_equals_strided_conv(hw):
   np.testing.assert_allclose(g_s2d["params"]["kernel"],
                              g_direct["params"]["kernel"], rtol=1e-4,
                              atol=1e-3)
+
+
+def _numpy_max_pool_3x3_s2(x):
+  """Loops over output cells: the pooled values and each cell's argmax."""
+  n, h, w, c = x.shape
+  oh, ow = (h + 1) // 2, (w + 1) // 2
+  out = np.zeros((n, oh, ow, c), x.dtype)
+  arg = np.zeros((n, oh, ow, c, 2), int)
+  for i in range(oh):
+    for j in range(ow):
+      r0, c0 = max(2 * i - 1, 0), max(2 * j - 1, 0)
+      win = x[:, r0:2 * i + 2, c0:2 * j + 2]  # [n, <=3, <=3, c]
+      flat = win.reshape(n, -1, c)
+      k = flat.argmax(axis=1)
+      out[:, i, j] = flat.max(axis=1)
+      arg[:, i, j, :, 0] = r0 + k // win.shape[2]
+      arg[:, i, j, :, 1] = c0 + k % win.shape[2]
+  return out, arg
+
+
+@pytest.mark.parametrize("hw", [(8, 10), (9, 7), (1, 2)])
+def test_max_pool_3x3_s2_matches_numpy_values_and_gradient(hw):
+  rng = np.random.default_rng(7)
+  n, c = 2, 3
+  # Distinct values: every window has one maximum, so the gradient is exact.
+  x = rng.permutation(n * hw[0] * hw[1] * c).reshape((n,) + hw + (c,))
+  x = (x.astype(np.float32) - 20.0) / 7.0
+  want, arg = _numpy_max_pool_3x3_s2(x)
+  got = resnet.max_pool_3x3_s2(jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(got), want)
+  cot = rng.normal(size=want.shape).astype(np.float32)
+  grad = jax.grad(lambda v: jnp.sum(cot * resnet.max_pool_3x3_s2(v)))(
+      jnp.asarray(x))
+  want_grad = np.zeros_like(x)
+  for b, i, j, ch in np.ndindex(*want.shape):
+    r, col = arg[b, i, j, ch]
+    want_grad[b, r, col, ch] += cot[b, i, j, ch]
+  np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-6,
+                             atol=1e-6)
+
+
+def test_max_pool_3x3_s2_ties_keep_the_gradient_mass():
+  x = jnp.ones((1, 6, 6, 2), jnp.float32)  # every window is one big tie
+  cot = jnp.arange(1.0, 1.0 + 3 * 3 * 2).reshape(1, 3, 3, 2)
+  grad = jax.grad(lambda v: jnp.sum(cot * resnet.max_pool_3x3_s2(v)))(x)
+  np.testing.assert_allclose(float(jnp.sum(grad)), float(jnp.sum(cot)),
+                             rtol=1e-6)
+  assert float(jnp.min(grad)) >= 0.0

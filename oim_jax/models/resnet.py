@@ -276,6 +276,35 @@ def _stage(x, depth, width, stage, first_stride, train_bn, zero_init_residual,
   return x
 
 
+def max_pool_3x3_s2(x):
+  """3x3 max pool, stride 2, padding 1: [N, H, W, C] -> [N, ceil(H/2), ceil(W/2), C].
+
+  The same numbers as nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))),
+  computed as a max over 3 strided row slices, then 3 column slices. Why:
+  XLA:CPU differentiates reduce_window max through an argmax window
+  reduction plus a scatter; for the synthetic stem ([4, 144, 240, 16]) that
+  backward took 44 ms of a 0.29 s train step, the sliced form's 3 ms (and
+  its forward is 3x faster). The gradient is the same wherever the window
+  maximum is unique; ties share it (jnp.maximum) instead of going to the
+  first maximum, and post-ReLU zero ties get no gradient either way.
+  """
+  n, h, w, c = x.shape
+  oh, ow = (h + 1) // 2, (w + 1) // 2
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)),
+               constant_values=-jnp.inf)
+  rows = None
+  for i in range(3):
+    r = jax.lax.slice(xp, (0, i, 0, 0), (n, i + 2 * oh - 1, w + 2, c),
+                      (1, 2, 1, 1))
+    rows = r if rows is None else jnp.maximum(rows, r)
+  out = None
+  for j in range(3):
+    r = jax.lax.slice(rows, (0, 0, j, 0), (n, oh, j + 2 * ow - 1, c),
+                      (1, 1, 2, 1))
+    out = r if out is None else jnp.maximum(out, r)
+  return out
+
+
 class ResNetStem(nn.Module):
   """conv1 .. conv4 (res4): [N, H, W, 3] -> C4 [N, ceil(H/s), ceil(W/s), C].
 
@@ -315,7 +344,7 @@ class ResNetStem(nn.Module):
                  name="conv1")(x)
     x = nn.relu(FrozenBatchNorm(self.train_bn, False, self.dtype,
                                 self.norm_groups, name="bn1")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool_3x3_s2(x)
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
     res4_stride = 2 if self.stride == 16 else 1

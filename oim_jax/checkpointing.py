@@ -1,7 +1,8 @@
 """Orbax checkpoints of the training state, one item per part.
 
-Items: "params", "opt_state", "oim" (LUT, queue, pointer) as array pytrees and
-"meta" (step, seed, input-pipeline position) as JSON. Keeping them apart lets
+Items: "params", "opt_state", "oim" (LUT, queue, pointer) as array pytrees,
+"ema" (moving average of the model variables, only when training keeps one)
+and "meta" (step, seed, input-pipeline position) as JSON. Keeping them apart lets
 evaluation restore the parameters alone. Arrays are saved unreplicated (the
 training state is replicated over devices), so a checkpoint written on one
 device count restores on any other.
@@ -17,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 ARRAY_ITEMS = ("params", "opt_state", "oim")
+EMA_ITEM = "ema"  # optional: saved when config.train.ema_decay > 0
 
 
 def manager(workdir: str, max_to_keep: int = 3,
@@ -29,7 +31,7 @@ def manager(workdir: str, max_to_keep: int = 3,
       enable_async_checkpointing=async_saves)
   return ocp.CheckpointManager(
       directory, options=options,
-      item_names=ARRAY_ITEMS + ("meta",))
+      item_names=ARRAY_ITEMS + (EMA_ITEM, "meta"))
 
 
 def save(mgr: ocp.CheckpointManager, step: int, items: dict[str, Any],
@@ -69,6 +71,11 @@ def restore(mgr: ocp.CheckpointManager, templates: dict[str, Any],
   restored = mgr.restore(step, args=ocp.args.Composite(**args))
   items = {k: restored[k] for k in templates}
   return step, items, dict(restored["meta"])
+
+
+def has_item(mgr: ocp.CheckpointManager, step: int, item: str) -> bool:
+  """Whether the checkpoint at `step` holds `item` (e.g. the optional "ema")."""
+  return os.path.isdir(os.path.join(str(mgr.directory), str(step), item))
 
 
 def _to_host(tree):

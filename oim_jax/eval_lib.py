@@ -28,11 +28,15 @@ RAW_FILE = "raw_outputs.npz"
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str,
                    step: Optional[int] = None) -> tuple[Any, int]:
-  """Restores the "params" item alone (works for any training device count).
+  """Restores the model variables alone (works for any training device count).
+
+  With config.train.ema_decay > 0 these are the checkpoint's moving average
+  (item "ema"), else its live weights (item "params").
 
   Returns:
     (variables {"params", and "batch_stats" with the BN neck}, step).
   """
+  from oim_jax import train_lib  # pylint: disable=g-import-not-at-top
   from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
   model = person_search.create_model(config)
   abstract = jax.eval_shape(
@@ -40,8 +44,18 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
                                              pretrained=False),
       jax.random.key(0))
   mgr = checkpointing.manager(workdir, read_only=True, async_saves=False)
-  step, items, _ = checkpointing.restore(mgr, {"params": abstract}, step)
-  return items["params"], step
+  item = "params"
+  if train_lib.ema_decay(config) > 0:
+    item = checkpointing.EMA_ITEM
+    at = mgr.latest_step() if step is None else step
+    if at is not None and not checkpointing.has_item(mgr, at, item):
+      raise ValueError(
+          f"config.train.ema_decay={config.train.ema_decay} but the checkpoint "
+          f"at step {at} under {mgr.directory} has no moving average (it was "
+          "trained with ema_decay=0): evaluate its weights with "
+          "--config.train.ema_decay=0.")
+  step, items, _ = checkpointing.restore(mgr, {item: abstract}, step)
+  return items[item], step
 
 
 class Inference:

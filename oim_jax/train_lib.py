@@ -37,6 +37,9 @@ class TrainState:
   opt_state: Any
   oim: oim.OIMState
   model_state: Any  # non-parameter collections (BN-neck batch_stats) or {}
+  # Exponential moving average of all model variables ({"params", and
+  # "batch_stats" with the BN neck}) when config.train.ema_decay > 0, else {}.
+  ema: Any = flax.struct.field(default_factory=dict)
 
 
 LOSS_NAMES = ("loss", "rpn_cls", "rpn_reg", "det_cls", "det_reg", "reid")
@@ -54,12 +57,54 @@ class NonFiniteLossError(FloatingPointError):
 
 def create_train_state(params: Any, tx, config: ml_collections.ConfigDict,
                        embedding_dim: int, model_state=None) -> TrainState:
+  model_state = dict(model_state or {})
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       opt_state=tx.init(params),
       oim=oim.init_state(config.oim.num_labeled, config.oim.queue_size,
                          embedding_dim),
-      model_state=dict(model_state or {}))
+      model_state=model_state,
+      ema=(_copy(model_variables(params, model_state))
+           if ema_decay(config) > 0 else {}))
+
+
+def _copy(tree):
+  # Own buffers: the train step donates its state, and a buffer shared by
+  # two leaves cannot be donated twice.
+  return jax.tree.map(jnp.copy, tree)
+
+
+def model_variables(params: Any, model_state: Any) -> dict[str, Any]:
+  """{"params": params, **model_state}: what the model applies and
+  checkpoints store as the "params" item."""
+  return {"params": params, **model_state}
+
+
+def ema_decay(config: ml_collections.ConfigDict) -> float:
+  d = float(config.train.get("ema_decay", 0.0))
+  if not 0.0 <= d < 1.0:
+    raise ValueError(f"config.train.ema_decay={d}: use 0 (off) or a decay in "
+                     "(0, 1), e.g. 0.998")
+  return d
+
+
+def update_ema(ema: Any, variables: Any, step, decay: float) -> Any:
+  """ema <- d * ema + (1 - d) * variables, d = min(decay, (1+t)/(10+t)).
+
+  t = optimizer steps taken before this one. The warm-up of d (as TF's
+  ExponentialMovingAverage with num_updates) keeps the average from
+  remembering the random initialisation: d is 0.1 at the first step and
+  reaches 0.99 after ~900 steps. Integer leaves are copied.
+  """
+  t = jnp.asarray(step, jnp.float32)
+  d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+  def leaf(e, v):
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+      return v
+    return (d * e.astype(jnp.float32)
+            + (1.0 - d) * v.astype(jnp.float32)).astype(e.dtype)
+  return jax.tree.map(leaf, ema, variables)
 
 
 def train_step(state: TrainState, batch: dict[str, jnp.ndarray], rng,
@@ -112,9 +157,13 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], rng,
   ).astype(jnp.float32)
   if axis_name is not None:
     values = jax.lax.pmean(values, axis_name)
+  ema = state.ema
+  if ema_decay(config) > 0:
+    ema = update_ema(ema, model_variables(params, aux["model_state"]),
+                     state.step, ema_decay(config))
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state, oim=new_oim,
-                            model_state=aux["model_state"])
+                            model_state=aux["model_state"], ema=ema)
   return new_state, values
 
 
@@ -272,14 +321,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                async_saves=config.train.async_checkpoints)
   history = _History(workdir)
   start_step = 0
+  use_ema = ema_decay(config) > 0
   if ckpt.latest_step() is not None:
-    start_step, items, meta = checkpointing.restore(
-        ckpt, {"params": {"params": state.params, **state.model_state},
-               "opt_state": state.opt_state, "oim": state.oim})
+    latest = ckpt.latest_step()
+    templates = {"params": model_variables(state.params, state.model_state),
+                 "opt_state": state.opt_state, "oim": state.oim}
+    has_ema = checkpointing.has_item(ckpt, latest, checkpointing.EMA_ITEM)
+    if use_ema and has_ema:
+      templates[checkpointing.EMA_ITEM] = state.ema
+    start_step, items, meta = checkpointing.restore(ckpt, templates, latest)
     params, model_state = person_search.split_variables(items["params"])
+    ema = {}
+    if use_ema:
+      if has_ema:
+        ema = items[checkpointing.EMA_ITEM]
+      else:
+        logging.warning("The checkpoint at step %d has no moving average "
+                        "(trained with ema_decay=0): it starts from the "
+                        "restored weights.", start_step)
+        ema = _copy(model_variables(params, model_state))
     state = TrainState(step=jnp.asarray(start_step, jnp.int32),
                        params=params, opt_state=items["opt_state"],
-                       oim=items["oim"], model_state=model_state)
+                       oim=items["oim"], model_state=model_state, ema=ema)
     loader.set_state(meta["pipeline"])
     history.truncate_after(start_step)
     logging.info("Resumed from step %d (%s).", start_step, ckpt.directory)
@@ -346,18 +409,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     meta = {"step": step_done, "seed": config.seed,
             "pipeline": loader.get_state()}
     # "params" holds all model variables: what evaluation restores.
-    checkpointing.save(ckpt, step_done, {
+    items = {
         "params": parallel.unreplicate(
-            {"params": state.params, **state.model_state}, mode),
+            model_variables(state.params, state.model_state), mode),
         "opt_state": parallel.unreplicate(state.opt_state, mode),
-        "oim": parallel.unreplicate(state.oim, mode)}, meta, force=force)
+        "oim": parallel.unreplicate(state.oim, mode)}
+    if use_ema:
+      items[checkpointing.EMA_ITEM] = parallel.unreplicate(state.ema, mode)
+    checkpointing.save(ckpt, step_done, items, meta, force=force)
 
   inference = []  # one eval_lib.Inference, compiled once, reused
 
   def run_eval(step_done: int) -> dict[str, Any]:
     from oim_jax import eval_lib  # pylint: disable=g-import-not-at-top
+    # With config.train.ema_decay > 0 the moving average is what is
+    # evaluated (here and by eval.py).
     variables = parallel.unreplicate(
-        {"params": state.params, **state.model_state}, mode)
+        state.ema if use_ema
+        else model_variables(state.params, state.model_state), mode)
     if not inference:
       inference.append(eval_lib.Inference(config, variables))
     metrics = eval_lib.evaluate(config, workdir, params=variables,

@@ -219,3 +219,66 @@ def test_synthetic_long_variant_only_lengthens_the_schedule():
                      "eval.every_steps": (672, 1343)}
   with pytest.raises(ValueError, match="long"):
     module.get_config("short")
+
+
+def test_update_ema_matches_numpy_reference():
+  rng = np.random.default_rng(3)
+  decay = 0.9
+  values = [rng.normal(size=(3, 2)).astype(np.float32) for _ in range(30)]
+  ema = {"w": jax.numpy.asarray(values[0]), "n": jax.numpy.int32(0)}
+  want = values[0].astype(np.float64)
+  for t, v in enumerate(values[1:]):
+    ema = train_lib.update_ema(ema, {"w": v, "n": np.int32(t + 1)}, t, decay)
+    d = min(decay, (1.0 + t) / (10.0 + t))  # 0.1, 0.18, ... then 0.9
+    want = d * want + (1.0 - d) * v
+  np.testing.assert_allclose(np.asarray(ema["w"]), want, rtol=1e-5,
+                             atol=1e-6)
+  assert int(ema["n"]) == 29  # integer leaves are copied, not averaged
+  with pytest.raises(ValueError, match="ema_decay"):
+    train_lib.ema_decay(tiny_train_config("unused", ema_decay=1.0))
+
+
+def test_ema_is_checkpointed_resumed_and_evaluated(tiny_synthetic_root,
+                                                   tmp_path):
+  from oim_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  config = tiny_train_config(tiny_synthetic_root, ema_decay=0.9)
+  train_lib.train_and_evaluate(config, str(tmp_path / "a"))
+  mgr = checkpointing.manager(str(tmp_path / "a"), read_only=True,
+                              async_saves=False)
+  full = jax.tree.map(np.asarray, checkpointing.restore_raw(
+      mgr, 4, items=checkpointing.ARRAY_ITEMS + ("ema",)))
+  # The average lags the weights: after 4 steps d = 0.1 .. 0.4 has mixed in
+  # every earlier state, so no float leaf equals the live one.
+  for path, e in jax.tree_util.tree_leaves_with_path(full["ema"]):
+    live = full["params"]
+    for key in path:
+      live = live[key.key]
+    assert e.shape == live.shape
+    if e.dtype.kind == "f" and np.abs(live).max() > 0:
+      assert not np.array_equal(e, live), path
+  variables, step = eval_lib.restore_params(config, str(tmp_path / "a"))
+  assert step == 4
+  _assert_trees_equal(jax.tree.map(np.asarray, variables), full["ema"])
+
+  # 2 steps, then resume to 4: the average resumes too, bit for bit.
+  train_lib.train_and_evaluate(
+      tiny_train_config(tiny_synthetic_root, ema_decay=0.9, num_steps=2),
+      str(tmp_path / "b"))
+  train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+  mgr_b = checkpointing.manager(str(tmp_path / "b"), read_only=True,
+                                async_saves=False)
+  _assert_trees_equal(
+      full, jax.tree.map(np.asarray, checkpointing.restore_raw(
+          mgr_b, 4, items=checkpointing.ARRAY_ITEMS + ("ema",))))
+
+  # A checkpoint without an average: evaluating it as EMA is a clear error.
+  plain = str(tmp_path / "plain")
+  train_lib.train_and_evaluate(
+      tiny_train_config(tiny_synthetic_root, num_steps=2), plain)
+  with pytest.raises(ValueError, match="ema_decay=0"):
+    eval_lib.restore_params(config, plain)
+  # Resuming it with an average on starts the average from its weights.
+  train_lib.train_and_evaluate(config, plain)
+  mgr_p = checkpointing.manager(plain, read_only=True, async_saves=False)
+  assert checkpointing.has_item(mgr_p, 4, "ema")
+  assert not checkpointing.has_item(mgr_p, 2, "ema")

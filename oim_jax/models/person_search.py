@@ -214,13 +214,12 @@ class PersonSearch(nn.Module):
   def box_features(self, c4, boxes):
     """C4 [B, h, w, C], boxes [B, K, 4] -> res5 maps [B*K, h5, w5, C5]."""
     c = self.config.roi
-    b, k = boxes.shape[:2]
-    idx = jnp.repeat(jnp.arange(b, dtype=jnp.int32), k)
-    rois = ops.roi_align(c4, jax.lax.stop_gradient(boxes.reshape(b * k, 4)),
-                         idx, output_size=(c.pool_size, c.pool_size),
-                         spatial_scale=1.0 / self.config.stride,
-                         sampling_ratio=c.sampling_ratio, aligned=c.aligned)
-    return self.res5(rois)
+    rois = ops.roi_align_per_image(
+        c4, jax.lax.stop_gradient(boxes),
+        output_size=(c.pool_size, c.pool_size),
+        spatial_scale=1.0 / self.config.stride,
+        sampling_ratio=c.sampling_ratio, aligned=c.aligned)
+    return self.res5(rois.reshape((-1,) + rois.shape[2:]))
 
   def __call__(self, images, boxes):
     """Touches every submodule (used by init): returns embeddings [B*K, D]."""

@@ -19,12 +19,19 @@ x part, which is what both formulations below use:
     computed over chunks of RoIs to bound the [chunk, out, H or W, C]
     intermediate.
 
+``roi_align_per_image`` takes K boxes per image ([N, K, 4], the RoI heads'
+layout) and has a hand-written gradient: per image, sum_k Wy_k^T g_k Wx_k as
+two matmuls (the "einsum" matrices) instead of the gather's scatter-adds:
+the same numbers up to float rounding, ~3x faster on CPU in the synthetic
+train step, and free of scatter-add atomics (deterministic on GPU).
+
 Boxes get no gradient (as torchvision, which returns none for the rois);
 the gradient w.r.t. the features is that of torchvision (autodiff of the same
 linear map). ``sampling_ratio`` must be > 0 (torchvision's adaptive mode, 0,
 needs data-dependent shapes).
 """
 
+import functools
 from typing import Optional, Sequence, Union
 
 import jax
@@ -169,6 +176,119 @@ def _roi_align_einsum(features, box_indices, ys, xs, ratio, chunk):
   return _map_chunks(one_chunk, (wy, wx, img), chunk)
 
 
+def _check_ratio(sampling_ratio) -> int:
+  ratio = int(sampling_ratio)
+  if ratio <= 0:
+    raise ValueError(
+        f"roi_align: sampling_ratio must be > 0 (got {sampling_ratio}); the "
+        "adaptive mode (<= 0) needs data-dependent shapes: pass e.g. 2")
+  return ratio
+
+
+def _pair(output_size) -> tuple[int, int]:
+  if isinstance(output_size, int):
+    output_size = (output_size, output_size)
+  return tuple(int(v) for v in output_size)
+
+
+# Elements of the backward's [chunk, H, out_w, C] intermediate per chunk of
+# RoIs (32 MiB in float32; ResNet-50's C4 at 900x1500 takes chunks of 8).
+_BACKWARD_ELEMENTS = 8 * 1024 * 1024
+
+
+def roi_align_per_image(features, boxes,
+                        output_size: Union[int, Sequence[int]] = (14, 14),
+                        spatial_scale: float = 1.0 / 16,
+                        sampling_ratio: int = 2,
+                        aligned: bool = False,
+                        method: Optional[str] = None,
+                        chunk: int = CHUNK):
+  """RoIAlign of K boxes per image, with a matmul gradient.
+
+  The forward is ``roi_align`` of the flattened boxes (same numbers); the
+  gradient w.r.t. the features is computed per image as
+  sum_k Wy_k^T g_k Wx_k (module docstring).
+
+  Args:
+    features: ``[N, H, W, C]`` feature maps.
+    boxes: ``[N, K, 4]``, K boxes (x1, y1, x2, y2, image pixels) of each
+      image (no gradient).
+    output_size, spatial_scale, sampling_ratio, aligned, method, chunk: as
+      ``roi_align`` (method and chunk concern the forward).
+
+  Returns:
+    ``[N, K, out_h, out_w, C]`` in the dtype of ``features``.
+  """
+  features = jnp.asarray(features)
+  boxes = jnp.asarray(boxes)
+  if (features.ndim != 4 or boxes.ndim != 3 or boxes.shape[2] != 4
+      or boxes.shape[0] != features.shape[0]):
+    raise ValueError(
+        f"roi_align_per_image: expected features [N, H, W, C] and boxes "
+        f"[N, K, 4], got {features.shape} and {boxes.shape}")
+  if method is None:
+    method = DEFAULT_METHOD.get(jax.default_backend(), "gather")
+  n, h, w, c = features.shape
+  static = (_pair(output_size), float(spatial_scale),
+            _check_ratio(sampling_ratio), bool(aligned), method, int(chunk),
+            (n, h, w, c), jnp.dtype(features.dtype).name)
+  return _per_image(features, lax.stop_gradient(boxes.astype(jnp.float32)),
+                    static)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _per_image(features, boxes, static):
+  out_hw, scale, ratio, aligned, method, chunk = static[:6]
+  n, k = boxes.shape[:2]
+  idx = jnp.repeat(jnp.arange(n, dtype=jnp.int32), k)
+  out = roi_align(features, boxes.reshape(n * k, 4), idx, out_hw, scale,
+                  ratio, aligned, method, chunk)
+  return out.reshape((n, k) + out.shape[1:])
+
+
+def _per_image_fwd(features, boxes, static):
+  return _per_image(features, boxes, static), boxes
+
+
+def _per_image_bwd(static, boxes, g):
+  """g [N, K, oh, ow, C] -> (d features [N, H, W, C], zero d boxes)."""
+  (oh, ow), scale, ratio, aligned, _, _, (n, h, w, c), dtype = static
+  k = boxes.shape[1]
+  x1, y1, bin_h, bin_w = _roi_geometry(boxes.reshape(n * k, 4), scale,
+                                       (oh, ow), aligned)
+  wy = _axis_matrix(*_axis_samples(y1, bin_h, oh, ratio, h), h, ratio)
+  wx = _axis_matrix(*_axis_samples(x1, bin_w, ow, ratio, w), w, ratio)
+  wy = wy.reshape(n, k, oh, h)
+  wx = wx.reshape(n, k, ow, w)
+  g = g.astype(jnp.float32)  # accumulate in float32 (bfloat16 models too)
+  # The y contraction first: [chunk, H, ow, C] per image is the largest
+  # intermediate; chunks of RoIs bound it and accumulate.
+  step = max(1, min(k, _BACKWARD_ELEMENTS // max(1, h * ow * c)))
+  pad = -k % step
+  if pad:  # zero weights: padded RoIs add nothing
+    wy = jnp.pad(wy, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    wx = jnp.pad(wx, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    g = jnp.pad(g, ((0, 0), (0, pad)) + ((0, 0),) * 3)
+  parts = (k + pad) // step
+
+  def chunk_grad(acc, args):
+    wy_c, wx_c, g_c = args  # [n, step, ...]
+    t = jnp.einsum("nkph,nkpqc->nkhqc", wy_c, g_c)
+    return acc + jnp.einsum("nkhqc,nkqw->nhwc", t, wx_c), None
+
+  split = lambda a: jnp.moveaxis(
+      a.reshape((n, parts, step) + a.shape[2:]), 1, 0)
+  acc = jnp.zeros((n, h, w, c), jnp.float32)
+  if parts == 1:
+    grad, _ = chunk_grad(acc, (wy, wx, g))
+  else:
+    grad, _ = lax.scan(chunk_grad, acc, (split(wy), split(wx), split(g)))
+  return grad.astype(dtype), jnp.zeros_like(boxes)
+
+
+_per_image.defvjp(_per_image_fwd, _per_image_bwd)
+
+
 def roi_align(features, boxes, box_indices,
               output_size: Union[int, Sequence[int]] = (14, 14),
               spatial_scale: float = 1.0 / 16,
@@ -205,14 +325,8 @@ def roi_align(features, boxes, box_indices,
     raise ValueError(
         f"roi_align: expected boxes [K, 4] and box_indices [K], got "
         f"{boxes.shape} and {box_indices.shape}")
-  if isinstance(output_size, int):
-    output_size = (output_size, output_size)
-  out_h, out_w = (int(v) for v in output_size)
-  ratio = int(sampling_ratio)
-  if ratio <= 0:
-    raise ValueError(
-        f"roi_align: sampling_ratio must be > 0 (got {sampling_ratio}); the "
-        "adaptive mode (<= 0) needs data-dependent shapes: pass e.g. 2")
+  out_h, out_w = _pair(output_size)
+  ratio = _check_ratio(sampling_ratio)
   if method is None:
     method = DEFAULT_METHOD.get(jax.default_backend(), "gather")
   if method not in ("gather", "einsum"):

@@ -492,7 +492,11 @@ def markdown(suite: dict) -> str:
               "(bench/conv_experiment.py; library unchanged)", "",
               "`oim_jax.models.resnet._conv` patched in that process only: "
               "1x1 convs become `einsum('nhwc,cd->nhwd')` with the same "
-              "parameters (bit-identical outputs).", "",
+              "parameters (bit-identical outputs). The library has done "
+              "this itself since session 5 (`resnet.Conv1x1`), so the 1x1 "
+              "rows now compare two equal programs (their ratio is the "
+              "run-to-run spread); the im2col row is still an experiment.",
+              "",
               "| what | as is s | 1x1 as dots s | speed-up | torch s |",
               "|---|---|---|---|---|"]
     if ex and jt:

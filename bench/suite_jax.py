@@ -272,14 +272,17 @@ def run_infer(preset: str, height: int, width: int, batch: int, dtype: str,
 
   # Query embeddings: one scene image per query with its GT box (embed_boxes
   # runs the stem on the whole image, as eval does for each query).
+  # With the config's flip test (configs/synthetic.py) that is two stems.
   qimages = images[:1]
+  qsizes = sizes[:1]
   qboxes = jnp.asarray(b["boxes"][:1, :queries])
-  embed = jax.jit(lambda v, im, bx: ps.embed_boxes(model, config, v, im, bx))
+  embed = jax.jit(lambda v, im, bx, sz: ps.embed_boxes(model, config, v, im,
+                                                       bx, sz))
   t = time.perf_counter()
-  ce = embed.lower(variables, qimages, qboxes).compile()
+  ce = embed.lower(variables, qimages, qboxes, qsizes).compile()
   out["embed_compile_s"] = time.perf_counter() - t
-  jax.block_until_ready(ce(variables, qimages, qboxes))
-  et = _timed_calls(lambda: ce(variables, qimages, qboxes), iters)
+  jax.block_until_ready(ce(variables, qimages, qboxes, qsizes))
+  et = _timed_calls(lambda: ce(variables, qimages, qboxes, qsizes), iters)
   out.update(embed_s=statistics.median(et), embed_boxes_per_call=queries,
              query_images_per_s=1.0 / statistics.median(et),
              embed_flops_per_call=flops_of(ce))

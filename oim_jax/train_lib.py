@@ -260,6 +260,7 @@ def _check_config(config: ml_collections.ConfigDict):
   if config.oim.loss not in ("oim", "softmax"):
     raise ValueError(f"config.oim.loss must be 'oim' or 'softmax', got "
                      f"{config.oim.loss!r}")
+  ema_decay(config)  # raises on a decay outside [0, 1)
   n = jax.device_count()
   if config.train.batch_size % n:
     raise ValueError(

@@ -149,6 +149,9 @@ def test_config_errors_fail_before_compiling(tiny_synthetic_root, tmp_path):
     config.parallelism = "ddp"
     with pytest.raises(ValueError, match="parallelism"):
       train_lib.train_and_evaluate(config, str(tmp_path / "w2"))
+    config = tiny_train_config(tiny_synthetic_root, ema_decay=1.0)
+    with pytest.raises(ValueError, match="ema_decay"):
+      train_lib.train_and_evaluate(config, str(tmp_path / "w4"))
     config = tiny_train_config(tiny_synthetic_root)
     config.data.dataset = "cuhk_sysu"
     config.data.root = str(tmp_path / "no_such_dir")

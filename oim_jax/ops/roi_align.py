@@ -22,8 +22,9 @@ x part, which is what both formulations below use:
 ``roi_align_per_image`` takes K boxes per image ([N, K, 4], the RoI heads'
 layout) and has a hand-written gradient: per image, sum_k Wy_k^T g_k Wx_k as
 two matmuls (the "einsum" matrices) instead of the gather's scatter-adds:
-the same numbers up to float rounding, ~3x faster on CPU in the synthetic
-train step, and free of scatter-add atomics (deterministic on GPU).
+the same numbers up to float rounding, ~3x faster than the scatter-adds on
+CPU at the synthetic RoI head's shapes (3 % of its train step), and free of
+scatter-add atomics (deterministic on GPU).
 
 Boxes get no gradient (as torchvision, which returns none for the rois);
 the gradient w.r.t. the features is that of torchvision (autodiff of the same

@@ -68,10 +68,12 @@ Why these choices (measured; numbers in the issue notes and the README):
   scored mAP 74.8; Adam lr 2e-3 (6-epoch proxy 52.8 vs 60.4), larger test
   images, a third refinement pass (76.2) did not help either.
 - Session 8: the same step ~8 % faster (sliced stem max pool, RoIAlign
-  with a matmul gradient; same numbers). Seed 0 rerun: mAP 75.4 / top-1
-  80.0 (rounding changed the trajectory; within the seed spread); 18 epochs
-  in 17.5 min: 75.5 / 80.0. A weight moving average (train.ema_decay 0.998:
-  75.7 / 81.3) was within noise: off.
+  with a matmul gradient; gradients equal to 3.5e-7). The README command
+  from a fresh machine: 14 min 32 s, mAP 72.5 / top-1 71.3 / det AP 92.1 /
+  recall 94.4 (seeds 1 / 2: 71.5 / 70.0, 71.6 / 71.3); rounding alone moves a run
+  by several points (max-pool change only: 75.4 / 80.0; 18 epochs: 75.5 /
+  80.0). A weight moving average (train.ema_decay 0.998: 75.7 / 81.3 vs
+  75.4 / 80.0) was within noise: off.
 
   python train.py --config=configs/synthetic.py --workdir=runs/demo
   python train.py --config=configs/synthetic.py:long --workdir=runs/long

@@ -7,6 +7,11 @@
 Rerunning the same command resumes from the latest checkpoint in workdir.
 """
 
+# First: re-executes this command with jemalloc preloaded where installed
+# (faster CPU steps, oim_jax/host_memory.py); OIM_JAX_JEMALLOC=0 turns it off.
+from oim_jax import host_memory  # pylint: disable=g-bad-import-order
+_HOST_MEMORY = host_memory.use_jemalloc()
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -25,6 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  logging.info(_HOST_MEMORY)
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -4,8 +4,8 @@
       [--skip torch,breakdown,eval,pipeline,...]
 
 Every measurement runs in its own subprocess with the same environment
-(allocator: jemalloc preloaded when installed, for the JAX and the torch
-processes alike; OMP/MKL threads = the core count; torch.set_num_threads
+(allocator: jemalloc preloaded when installed, with purging off as train.py
+runs it (oim_jax/host_memory.py), for the JAX and the torch processes alike; OMP/MKL threads = the core count; torch.set_num_threads
 the same), and records the load average before and after it. Rows:
 
   * matmul peak: best-of-3 n^3 jnp.dot, float32 (and bfloat16 on GPU):
@@ -45,7 +45,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+sys.path.insert(0, ROOT)
+from oim_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Issue targets and the nominal model cost (ResNet-50 C4 at 900x1500).
 TARGET_GPU_TRAIN_IPS = 150.0
@@ -65,8 +66,10 @@ def bench_env() -> dict[str, str]:
   n = str(os.cpu_count())
   env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n,
              PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
-  if os.path.exists(JEMALLOC):
-    env["LD_PRELOAD"] = JEMALLOC
+  jemalloc = host_memory.find_jemalloc()
+  if jemalloc:
+    env["LD_PRELOAD"] = jemalloc
+    env["MALLOC_CONF"] = host_memory.NO_PURGE
   return env
 
 
@@ -162,7 +165,7 @@ def run_all(args) -> dict:
   suite = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
            "quick": quick, "machine": machine(), "backend": backend,
            "env": {k: runner.env.get(k, "") for k in
-                   ("LD_PRELOAD", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                   ("LD_PRELOAD", "MALLOC_CONF", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                     "XLA_FLAGS", "JAX_PLATFORMS")},
            "load_start": load_avg()}
   res = {}
@@ -322,7 +325,8 @@ def markdown(suite: dict) -> str:
       f"({b['device_count']} x {b['device_kind']}), jax {b['jax']}, "
       f"Python {m['python']}, NumPy {m['numpy']}.",
       f"Environment of every measurement process: LD_PRELOAD="
-      f"`{suite['env']['LD_PRELOAD'] or '(none)'}`, OMP/MKL threads "
+      f"`{suite['env']['LD_PRELOAD'] or '(none)'}`, MALLOC_CONF="
+      f"`{suite['env'].get('MALLOC_CONF') or '(none)'}`, OMP/MKL threads "
       f"{suite['env']['OMP_NUM_THREADS']}, XLA_FLAGS="
       f"`{suite['env']['XLA_FLAGS'] or '(none)'}`.",
       f"Load average (1/5/15 min) at start {suite['load_start']}, at end "

@@ -24,3 +24,17 @@ def test_suite_infer_and_train_run_on_the_tiny_config():
                               num_gt=2)
   assert np.isfinite(train["loss"]) and train["step_s"] > 0
   assert train["backend_compiles_timed"] == 0  # no recompilation
+
+
+def test_host_allocator_reads_train_logs(tmp_path):
+  import host_allocator  # pylint: disable=g-import-not-at-top
+  log = tmp_path / "x.log"
+  log.write_text(
+      "I1202 05:00:43.238368 1 train_lib.py:387] step 220/3580 (epoch 1.23)"
+      " loss 7.1\n"
+      "I1202 05:00:43.300000 1 eval_lib.py:103] gallery: 240 images\n"
+      "I1202 05:00:45.738368 1 train_lib.py:387] step 230/3580 (epoch 1.28)"
+      " loss 7.0\n")
+  (t0, s0), (t1, s1) = host_allocator._log_points(str(log))
+  assert (s0, s1) == (220, 230)
+  assert abs((t1 - t0) - 2.5) < 1e-6

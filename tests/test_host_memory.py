@@ -1,0 +1,128 @@
+"""Tests for oim_jax/host_memory.py.
+
+The allocator is chosen when a process starts, so the cases that load
+jemalloc run in fresh Python subprocesses. The fault probe mallocs, touches
+and frees a 48 MiB block five times (the pattern of XLA:CPU's per-step
+temporaries) and reports the minor page faults of the last four rounds:
+glibc mmaps a block that size and unmaps it on free, so each round faults
+all 12,288 pages back in; jemalloc without purging reuses the pages.
+"""
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from oim_jax import host_memory
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PAGES = 48 * 2**20 // 4096
+_JEMALLOC = host_memory.find_jemalloc()
+
+needs_jemalloc = pytest.mark.skipif(
+    _JEMALLOC is None or platform.system() != "Linux",
+    reason="no libjemalloc.so.2 installed (.ci/run installs libjemalloc2)")
+
+# Entry-point prologue as train.py has it, then the fault probe.
+_PROBE = textwrap.dedent("""
+    import ctypes, resource, sys
+    sys.path.insert(0, {root!r})
+    from oim_jax import host_memory
+    line = host_memory.use_jemalloc()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    size = 48 * 2**20
+
+    def round_trip():
+      p = libc.malloc(size)
+      ctypes.memset(p, 1, size)  # touch every page
+      libc.free(p)
+
+    round_trip()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+      round_trip()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    print(host_memory.jemalloc_loaded(), (after - before) / 4)
+    print(line)
+""")
+
+
+def _probe(**env_extra):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("LD_PRELOAD", "MALLOC_CONF", host_memory.ENV_VAR,
+                      "OIM_JAX_JEMALLOC_REEXEC")}
+  env.update(env_extra)
+  out = subprocess.run([sys.executable, "-c", _PROBE.format(root=_ROOT)],
+                       env=env, capture_output=True, text=True, check=True,
+                       timeout=60)
+  first, line = out.stdout.strip().split("\n")
+  loaded, faults = first.split()
+  return loaded == "True", float(faults), line
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
+                    reason="the reference behaviour is glibc's")
+def test_glibc_faults_the_block_in_every_round():
+  # The reference the preload is measured against.
+  loaded, faults, line = _probe(OIM_JAX_JEMALLOC="0")
+  assert not loaded
+  assert faults > 0.9 * _PAGES
+  assert "OIM_JAX_JEMALLOC=0" in line
+
+
+@needs_jemalloc
+def test_reexecs_with_jemalloc_that_keeps_freed_pages():
+  loaded, faults, line = _probe()
+  assert loaded
+  assert faults < 0.01 * _PAGES
+  assert host_memory.NO_PURGE in line
+
+
+@needs_jemalloc
+def test_user_malloc_conf_is_kept():
+  _, _, line = _probe(MALLOC_CONF="narenas:2")
+  assert line.endswith("MALLOC_CONF=narenas:2")
+
+
+def test_nothing_installed_leaves_the_process_alone(monkeypatch):
+  monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
+  monkeypatch.setattr(host_memory, "jemalloc_loaded", lambda: False)
+  monkeypatch.setattr(host_memory, "find_jemalloc", lambda: None)
+  monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))
+  if platform.system() == "Linux":
+    assert "apt-get install libjemalloc2" in host_memory.use_jemalloc()
+
+
+def test_failed_preload_does_not_loop(monkeypatch):
+  # The loader ignores a preload it cannot load; the second pass must not
+  # try again.
+  monkeypatch.setenv("OIM_JAX_JEMALLOC_REEXEC", "1")
+  monkeypatch.setenv("LD_PRELOAD", "/nonexistent/libjemalloc.so.2")
+  monkeypatch.setattr(host_memory, "jemalloc_loaded", lambda: False)
+  monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))
+  if platform.system() == "Linux":
+    assert "failed" in host_memory.use_jemalloc()
+
+
+def test_find_jemalloc(tmp_path, monkeypatch):
+  monkeypatch.delenv("CONDA_PREFIX", raising=False)
+  assert host_memory.find_jemalloc((str(tmp_path / "*.so.2"),)) is None
+  lib = tmp_path / "lib" / "libjemalloc.so.2"
+  lib.parent.mkdir()
+  lib.write_bytes(b"")
+  assert host_memory.find_jemalloc((str(tmp_path / "lib" / "*.so.2"),)) == (
+      str(lib))
+  monkeypatch.setenv("CONDA_PREFIX", str(tmp_path))
+  assert host_memory.find_jemalloc(()) == str(lib)
+
+
+def test_bad_switch(monkeypatch):
+  monkeypatch.setenv(host_memory.ENV_VAR, "maybe")
+  with pytest.raises(ValueError, match="OIM_JAX_JEMALLOC"):
+    host_memory.use_jemalloc()

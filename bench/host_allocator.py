@@ -20,7 +20,7 @@ the hour) hits every variant alike.
 Variants:
   glibc               glibc malloc (train mode: OIM_JAX_JEMALLOC=0)
   glibc_mallopt       (step mode) glibc with 4 arenas, no mmap, no trim,
-                      64 MiB top pad, set by mallopt before JAX starts
+                      set by mallopt before JAX starts
   jemalloc            LD_PRELOAD=libjemalloc.so.2, jemalloc's defaults
                       (freed pages purged after 10 s)
   jemalloc_no_purge   the same with MALLOC_CONF dirty/muzzy decay -1: what
@@ -59,10 +59,10 @@ VARIANTS = {
 
 
 def _mallopt():
-  """glibc: 4 arenas, no mmap, no trim, 64 MiB top pad (before any thread)."""
+  """glibc: 4 arenas, no mmap, no trim (before any thread starts)."""
   import ctypes  # pylint: disable=g-import-not-at-top
   mallopt = ctypes.CDLL(None).mallopt
-  for param, value in ((-8, 4), (-4, 0), (-1, 2**31 - 1), (-2, 64 * 2**20)):
+  for param, value in ((-8, 4), (-4, 0), (-1, 2**31 - 1)):
     if mallopt(param, value) != 1:
       raise SystemExit(f"mallopt({param}, {value}) refused")
 

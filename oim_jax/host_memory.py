@@ -8,8 +8,9 @@ time per second in the synthetic training loop. jemalloc with purging
 turned off keeps freed pages in the process: the same loop runs 13-25 %
 faster (steps of train.py interleaved with SIGSTOP/SIGCONT,
 BENCHMARKS.md "Host allocator"). glibc's own knobs (mallopt: arena count,
-no mmap, no trim, top pad) removed most faults in a bare train-step loop
-but not in train.py with its data threads, and were no faster there.
+no mmap, no trim) are no reliable fix: they removed the faults in one
+bare-step harness but not in another, nor in train.py, which was no faster
+with them. jemalloc with its default purging is slower than glibc.
 
 train.py and eval.py call `use_jemalloc()` before their other imports: if
 a libjemalloc.so.2 is installed (Debian/Ubuntu: apt-get install
@@ -27,15 +28,16 @@ import sys
 
 ENV_VAR = "OIM_JAX_JEMALLOC"
 _REEXEC_MARK = "OIM_JAX_JEMALLOC_REEXEC"
-# Never give freed pages back (jemalloc's default purges after 10 s: in the
-# A/B above that was slower than glibc).
+# Never give freed pages back (jemalloc's default purges after 10 s, which
+# bench/host_allocator.py measured slower than glibc).
 NO_PURGE = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
-_SEARCH = ("/usr/lib/*-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
-           "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+_SEARCH = ("/usr/lib/*-linux-gnu/libjemalloc.so.2",
+           "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2",
+           "/usr/local/lib/libjemalloc.so.2")
 
 
 def find_jemalloc(patterns=_SEARCH) -> str | None:
-  """Path of an installed libjemalloc.so.2 ($CONDA_PREFIX/lib first), or None."""
+  """Path of an installed libjemalloc.so.2 ($CONDA_PREFIX/lib first) or None."""
   conda = os.environ.get("CONDA_PREFIX")
   if conda:
     patterns = (os.path.join(conda, "lib", "libjemalloc.so.2"),) + tuple(
@@ -61,7 +63,9 @@ def use_jemalloc(argv: list[str] | None = None) -> str:
 
   Call first thing in an entry point: the process is replaced (os.execve),
   so nothing done before survives. Does nothing when $OIM_JAX_JEMALLOC is 0,
-  off Linux, when jemalloc is already loaded, or when none is installed.
+  off Linux, when jemalloc is already loaded, when LD_PRELOAD names another
+  allocator (tcmalloc, as on some TPU VMs, or mimalloc), or when no jemalloc
+  is installed.
 
   Args:
     argv: the command to re-execute; default sys.orig_argv (interpreter
@@ -82,6 +86,9 @@ def use_jemalloc(argv: list[str] | None = None) -> str:
     os.environ.pop(_REEXEC_MARK, None)
     return ("host malloc: jemalloc, MALLOC_CONF="
             f"{os.environ.get('MALLOC_CONF', '(jemalloc defaults)')}")
+  preload = os.environ.get("LD_PRELOAD", "")
+  if any(name in preload for name in ("tcmalloc", "mimalloc")):
+    return f"host malloc: as preloaded (LD_PRELOAD={preload})"
   if os.environ.get(_REEXEC_MARK):
     return ("host malloc: system default (preloading "
             f"{os.environ.get('LD_PRELOAD')} failed; see the loader's "

@@ -110,6 +110,15 @@ def test_failed_preload_does_not_loop(monkeypatch):
     assert "failed" in host_memory.use_jemalloc()
 
 
+def test_other_preloaded_allocator_is_kept(monkeypatch):
+  monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
+  monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libtcmalloc.so.4")
+  monkeypatch.setattr(host_memory, "jemalloc_loaded", lambda: False)
+  monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))
+  if platform.system() == "Linux":
+    assert "tcmalloc" in host_memory.use_jemalloc()
+
+
 def test_find_jemalloc(tmp_path, monkeypatch):
   monkeypatch.delenv("CONDA_PREFIX", raising=False)
   assert host_memory.find_jemalloc((str(tmp_path / "*.so.2"),)) is None

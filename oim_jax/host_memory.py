@@ -12,8 +12,8 @@ no mmap, no trim) are no reliable fix: they removed the faults in one
 bare-step harness but not in another, nor in train.py, which was no faster
 with them. jemalloc with its default purging is slower than glibc.
 
-train.py and eval.py call `use_jemalloc()` before their other imports: if
-a libjemalloc.so.2 is installed (Debian/Ubuntu: apt-get install
+train.py, eval.py and search.py call `use_jemalloc()` before their other
+imports: if a libjemalloc.so.2 is installed (Debian/Ubuntu: apt-get install
 libjemalloc2) and not yet loaded, it re-executes the same command with it
 preloaded. OIM_JAX_JEMALLOC=0 turns this off. The price: the process keeps
 its peak heap until it exits, which is what a training process wants.

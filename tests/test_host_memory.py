@@ -135,3 +135,17 @@ def test_bad_switch(monkeypatch):
   monkeypatch.setenv(host_memory.ENV_VAR, "maybe")
   with pytest.raises(ValueError, match="OIM_JAX_JEMALLOC"):
     host_memory.use_jemalloc()
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "search.py"])
+def test_entry_points_choose_the_allocator_before_other_imports(script):
+  # The re-exec must happen before JAX (or anything that mallocs much) loads.
+  import ast
+  with open(os.path.join(_ROOT, script)) as f:
+    body = ast.parse(f.read()).body
+  stmts = [s for s in body if not (isinstance(s, ast.Expr) and
+                                   isinstance(s.value, ast.Constant))]
+  first, second = stmts[0], stmts[1]
+  assert isinstance(first, ast.ImportFrom) and first.module == "oim_jax"
+  assert [a.name for a in first.names] == ["host_memory"]
+  assert "host_memory.use_jemalloc()" in ast.unparse(second)

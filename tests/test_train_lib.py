@@ -217,9 +217,9 @@ def test_synthetic_long_variant_only_lengthens_the_schedule():
   long = flat(module.get_config("long"))
   assert base.keys() == long.keys()
   changed = {k: (base[k], long[k]) for k in base if base[k] != long[k]}
-  assert changed == {"train.epochs": (20, 30),
-                     "train.lr_milestones": ((16,), (24,)),
-                     "eval.every_steps": (895, 1343)}
+  assert changed == {"train.epochs": (24, 30),
+                     "train.lr_milestones": ((19,), (24,)),
+                     "eval.every_steps": (1074, 1343)}
   with pytest.raises(ValueError, match="long"):
     module.get_config("short")
 

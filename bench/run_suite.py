@@ -190,7 +190,7 @@ def run_all(args) -> dict:
     r50 = ["--preset", "resnet50", "--height", "900", "--width", "1500"]
     res["train_r50_b1_f32"] = runner.run("train resnet50 900x1500 b1 f32", [
         "bench/suite_jax.py", "train", *r50, "--batch", "1", "--dtype",
-        "float32", "--steps", "3" if gpu else "2"])
+        "float32", "--steps", "3" if gpu else "5"])
     res["infer_r50_b1_f32"] = runner.run("infer resnet50 900x1500 b1 f32", [
         "bench/suite_jax.py", "infer", *r50, "--batch", "1", "--dtype",
         "float32", "--iters", "5" if gpu else "2"])
@@ -223,21 +223,14 @@ def run_all(args) -> dict:
           "bench/train_breakdown.py", "--iters", "2",
           "--parts", "stem_fwd,stem_fwd_bwd,rpn_fwd_bwd,proposals,"
           "roi_align_fwd_bwd,res5_fwd_bwd,conv"])
-    if "experiment" not in skip:
-      res["exp_dot1x1_train"] = runner.run(
-          "experiment: train resnet50 b1 f32, 1x1 convs as dots", [
-              "bench/conv_experiment.py", "--what", "train", "--dot_1x1",
-              "1", "--iters", "2"])
-      res["exp_dot1x1_im2col_train"] = runner.run(
-          "experiment: train resnet50 b1 f32, 1x1 as dots + 3x3 wgrad "
-          "im2col", ["bench/conv_experiment.py", "--what", "train",
-                     "--dot_1x1", "1", "--im2col_wgrad_3x3", "1", "--iters",
-                     "2"])
-      if "breakdown" not in skip:
-        res["exp_dot1x1_parts"] = runner.run(
-            "experiment: stem/res5 fwd+bwd, 1x1 convs as dots", [
-                "bench/conv_experiment.py", "--what", "parts", "--dot_1x1",
-                "1", "--iters", "2"])
+    if "experiment" not in skip and not gpu:
+      # A/B of the library's CPU choice (model.wgrad_im2col_min_channels:
+      # auto = 512 on CPU) against XLA's own 3x3 weight gradients.
+      res["exp_xla_wgrad_train"] = runner.run(
+          "experiment: train resnet50 b1 f32, XLA 3x3 weight gradients", [
+              "bench/suite_jax.py", "train", *r50, "--batch", "1",
+              "--dtype", "float32", "--steps", "5", "--set",
+              "wgrad_im2col_min_channels=0"])
   if "eval" not in skip and not quick:
     res["eval"] = runner.run("evaluation CUHK-SYSU scale",
                              ["bench/suite_eval.py"])
@@ -487,42 +480,26 @@ def markdown(suite: dict) -> str:
                    f"{bd[key + '_fwd']['gflops']:.1f} |")
     lines.append("")
 
-  ex = (recs.get("experiment: train resnet50 b1 f32, 1x1 convs as dots")
-        or {}).get("result")
-  exp = (recs.get("experiment: stem/res5 fwd+bwd, 1x1 convs as dots")
-         or {}).get("result")
-  if ex or exp:
-    lines += ["### Experiment: 1x1 convolutions as matmuls "
-              "(bench/conv_experiment.py; library unchanged)", "",
-              "`oim_jax.models.resnet._conv` patched in that process only: "
-              "1x1 convs become `einsum('nhwc,cd->nhwd')` with the same "
-              "parameters (bit-identical outputs). The library has done "
-              "this itself since session 5 (`resnet.Conv1x1`), so the 1x1 "
-              "rows now compare two equal programs (their ratio is the "
-              "run-to-run spread); the im2col row is still an experiment.",
+  ex = (recs.get("experiment: train resnet50 b1 f32, XLA 3x3 weight "
+                 "gradients") or {}).get("result")
+  if ex and jt:
+    lines += ["### Experiment: 3x3 weight gradients as im2col matmuls "
+              "(`model.wgrad_im2col_min_channels`)", "",
+              "The train step above uses the library's CPU default (auto: "
+              "3x3 convs with >= 512 input channels, i.e. the RPN conv and "
+              "res5, compute their weight gradient as one im2col matmul); "
+              "this row runs the same step with XLA's own convolution "
+              "gradients (`--set wgrad_im2col_min_channels=0`). Per-layer "
+              "times: `python bench/conv3x3.py` (bench/results/conv3x3.md).",
               "",
-              "| what | as is s | 1x1 as dots s | speed-up | torch s |",
-              "|---|---|---|---|---|"]
-    if ex and jt:
-      ts = (t or {}).get("train_s")
-      lines.append(f"| train step (real, batch 1) | {jt['step_s']:.2f} | "
-                   f"{ex['step_s']:.2f} | {jt['step_s'] / ex['step_s']:.2f}x"
-                   f" | {_f(ts)} |")
-    ex2 = (recs.get("experiment: train resnet50 b1 f32, 1x1 as dots + 3x3 "
-                    "wgrad im2col") or {}).get("result")
-    if ex2 and jt:
-      lines.append(f"| train step, + 3x3 weight gradients as im2col matmuls"
-                   f" | {jt['step_s']:.2f} | {ex2['step_s']:.2f} | "
-                   f"{jt['step_s'] / ex2['step_s']:.2f}x | "
-                   f"{_f((t or {}).get('train_s'))} |")
-    for part in ("stem_fwd_bwd", "res5_fwd_bwd"):
-      if exp and bd and part in exp and part in bd:
-        ts = (tp or {}).get(part)
-        lines.append(f"| {part} | {bd[part]['s']:.2f} | "
-                     f"{exp[part]['s']:.2f} | "
-                     f"{bd[part]['s'] / exp[part]['s']:.2f}x | "
-                     f"{_f(ts)} |")
-    lines.append("")
+              "| train step, ResNet-50 900x1500 b1 | s/step | peak RSS GiB |",
+              "|---|---|---|",
+              f"| im2col weight gradients (default on CPU) | "
+              f"{jt['step_s']:.2f} | {_f(jt.get('peak_rss_gib'))} |",
+              f"| XLA weight gradients | {ex['step_s']:.2f} | "
+              f"{_f(ex.get('peak_rss_gib'))} |",
+              f"| torchvision (same run) | {_f((t or {}).get('train_s'))} "
+              f"| |", ""]
 
   ev = (recs.get("evaluation CUHK-SYSU scale") or {}).get("result")
   lines += ["### Evaluation protocol (CUHK-SYSU scale)", ""]

@@ -245,8 +245,9 @@ def run_train(preset: str, height: int, width: int, batch: int, dtype: str,
 
 
 def run_infer(preset: str, height: int, width: int, batch: int, dtype: str,
-              iters: int, queries: int) -> dict:
-  config = bench_config(preset, height, width, batch, dtype)
+              iters: int, queries: int,
+              model_overrides: dict | None = None) -> dict:
+  config = bench_config(preset, height, width, batch, dtype, model_overrides)
   counter = CompileCounter()
   model = ps.create_model(config)
   variables = ps.init_variables(model, config, jax.random.key(0))
@@ -305,15 +306,26 @@ def main():
   p.add_argument("--queries", type=int, default=1)
   p.add_argument("--n", type=int, default=4096)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
+                 help="config.model override for train/infer (repeatable), "
+                 "e.g. --set wgrad_im2col_min_channels=0")
   a = p.parse_args()
+  overrides = {}
+  for item in a.set:
+    field, sep, value = item.partition("=")
+    if not sep:
+      p.error(f"--set {item!r}: expected FIELD=INT")
+    overrides[field] = int(value)
   if a.what == "matmul":
     res = run_matmul(a.dtype, a.n, a.repeats)
   elif a.what == "train":
     res = run_train(a.preset, a.height, a.width, a.batch, a.dtype, a.steps,
-                    a.num_gt)
+                    a.num_gt, overrides)
   else:
     res = run_infer(a.preset, a.height, a.width, a.batch, a.dtype, a.iters,
-                    a.queries)
+                    a.queries, overrides)
+  if overrides:
+    res["model_overrides"] = overrides
   res.update(backend=jax.default_backend(),
              device_kind=jax.devices()[0].device_kind,
              device_count=jax.device_count(), jax_version=jax.__version__)

@@ -196,11 +196,25 @@ def test_bad_config_errors():
   for field, value in (("stride", 4), ("embedding_bn_rois", "fg"),
                        ("roi.det_features", "flat"),
                        ("roi.embedding_features", "avg"),
-                       ("rpn.stride", 32)):
+                       ("rpn.stride", 32),
+                       ("wgrad_im2col_min_channels", -2)):
     config = _config()
     config.update_from_flattened_dict({f"model.{field}": value})
     with pytest.raises(ValueError, match=f"config.model.{field}="):
       ps.create_model(config)
+
+
+def test_wgrad_im2col_auto_is_512_on_cpu_and_old_configs_get_it():
+  assert jax.default_backend() == "cpu"
+  model_config = ps.default_model_config("resnet50")
+  assert model_config.wgrad_im2col_min_channels == -1
+  assert ps.wgrad_im2col_min_channels(model_config) == 512
+  model_config.wgrad_im2col_min_channels = 0
+  assert ps.wgrad_im2col_min_channels(model_config) == 0
+  # config.json of runs from before the field existed.
+  old = ml_collections.ConfigDict(ps.default_model_config("tiny").to_dict())
+  del old["wgrad_im2col_min_channels"]
+  assert ps.wgrad_im2col_min_channels(old) == 512
 
 
 def test_rpn_on_pooled_stride8_map():

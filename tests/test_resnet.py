@@ -123,6 +123,52 @@ def test_conv1x1_matmul_equals_convolution(strides):
                              atol=1e-5)
 
 
+@pytest.mark.parametrize("strides,use_bias", [(1, False), (2, False),
+                                              (1, True)])
+def test_conv3x3_is_nn_conv_and_im2col_changes_only_rounding(strides,
+                                                             use_bias):
+  import flax.linen as nn
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 7, 9, 6)), jnp.float32)
+  ref = nn.Conv(5, (3, 3), strides=(strides, strides),
+                padding=((1, 1), (1, 1)), use_bias=use_bias,
+                kernel_init=resnet._conv_init)  # pylint: disable=protected-access
+  plain = resnet.Conv3x3(5, strides, use_bias=use_bias)
+  im2col = resnet.Conv3x3(5, strides, use_bias=use_bias,
+                          wgrad_im2col_min_channels=6)
+  params = ref.init(jax.random.PRNGKey(0), x)
+  # Same parameter tree and initial values as nn.Conv (checkpoints and
+  # ImageNet imports are unchanged).
+  for module in (plain, im2col):
+    mine = module.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.structure(mine) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(params)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  g = jnp.asarray(rng.normal(size=ref.apply(params, x).shape), jnp.float32)
+  grads = lambda m: jax.jit(jax.grad(
+      lambda p, x: jnp.sum(m.apply(p, x) * g), (0, 1)))(params, x)
+  want = grads(ref)
+  for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(grads(im2col)), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(im2col.apply(params, x)),
+                                np.asarray(ref.apply(params, x)))
+
+
+def test_conv3x3_im2col_only_from_the_channel_count():
+  x = jnp.ones((1, 5, 5, 4))
+  jaxpr = lambda m: str(jax.make_jaxpr(jax.grad(
+      lambda p: jnp.sum(m.apply(p, x))))(m.init(jax.random.PRNGKey(0), x)))
+  # The im2col weight gradient is a dot_general; XLA's is a convolution.
+  assert "dot_general" in jaxpr(resnet.Conv3x3(3,
+                                               wgrad_im2col_min_channels=4))
+  assert "dot_general" not in jaxpr(resnet.Conv3x3(
+      3, wgrad_im2col_min_channels=5))
+  assert "dot_general" not in jaxpr(resnet.Conv3x3(3))
+
+
 def _group_norm_reference(x, groups, scale, bias):
   """Two-pass GroupNorm over a [N, H, W, G, C/G] view (the textbook form)."""
   n, h, w, c = x.shape

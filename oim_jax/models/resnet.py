@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from oim_jax import ops
+
 # Blocks per stage (res2, res3, res4, res5) for each supported depth.
 STAGE_BLOCKS = {
     18: (2, 2, 2, 2),
@@ -133,14 +135,47 @@ class StemConv(nn.Module):
                                         dimension_numbers=dn)
 
 
-def _conv(features, kernel, strides, dtype, name):
+class Conv3x3(nn.Module):
+  """A 3x3 convolution, padding 1: the same parameters and numbers as nn.Conv.
+
+  Parameters "kernel" [3, 3, Cin, Cout] (and "bias" [Cout] with use_bias).
+  With `wgrad_im2col_min_channels` > 0 and Cin at least that, the weight
+  gradient is one im2col matmul (`ops.conv3x3_im2col_wgrad`; forward and
+  input gradient unchanged): XLA:CPU computes large 3x3 weight gradients
+  about 2x slower than the matmul (ResNet-50's RPN and res5 convs).
+  """
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+  use_bias: bool = False
+  kernel_init: Any = _conv_init
+  wgrad_im2col_min_channels: int = 0
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [N, H, W, Cin] -> [N, ceil(H/s), ceil(W/s), Cout]."""
+    cin = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init,
+                        (3, 3, cin, self.features), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if 0 < self.wgrad_im2col_min_channels <= cin:
+      y = ops.conv3x3_im2col_wgrad(x, kernel, self.strides)
+    else:
+      y = ops.conv3x3(x, kernel, self.strides)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                        jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def _conv(features, kernel, strides, dtype, name, wgrad_im2col_min_channels):
   if kernel == 1:
     return Conv1x1(features, strides, dtype, name=name)
-  pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
-                 padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32,
-                 name=name)
+  if kernel == 3:
+    return Conv3x3(features, strides, dtype, name=name,
+                   wgrad_im2col_min_channels=wgrad_im2col_min_channels)
+  raise ValueError(f"no {kernel}x{kernel} convolution in these blocks")
 
 
 class FrozenBatchNorm(nn.Module):
@@ -216,6 +251,7 @@ class BasicBlock(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   norm_groups: int = 0
+  wgrad_im2col_min_channels: int = 0  # see Conv3x3
   expansion = 1
 
   @nn.compact
@@ -223,12 +259,14 @@ class BasicBlock(nn.Module):
     """x: [N, H, W, Cin] -> [N, H/strides, W/strides, planes]."""
     bn = lambda name, zero=False: FrozenBatchNorm(
         self.train_bn, zero, self.dtype, self.norm_groups, name=name)
-    y = _conv(self.planes, 3, self.strides, self.dtype, "conv1")(x)
+    conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name,
+                                       self.wgrad_im2col_min_channels)
+    y = conv(self.planes, 3, self.strides, "conv1")(x)
     y = nn.relu(bn("bn1")(y))
-    y = _conv(self.planes, 3, 1, self.dtype, "conv2")(y)
+    y = conv(self.planes, 3, 1, "conv2")(y)
     y = bn("bn2", self.zero_init_residual)(y)
     if self.downsample:
-      x = _conv(self.planes, 1, self.strides, self.dtype, "downsample_conv")(x)
+      x = conv(self.planes, 1, self.strides, "downsample_conv")(x)
       x = bn("downsample_bn")(x)
     return nn.relu(y + x)
 
@@ -242,6 +280,7 @@ class Bottleneck(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   norm_groups: int = 0
+  wgrad_im2col_min_channels: int = 0  # see Conv3x3
   expansion = 4
 
   @nn.compact
@@ -249,21 +288,22 @@ class Bottleneck(nn.Module):
     """x: [N, H, W, Cin] -> [N, H/strides, W/strides, 4 * planes]."""
     bn = lambda name, zero=False: FrozenBatchNorm(
         self.train_bn, zero, self.dtype, self.norm_groups, name=name)
-    y = _conv(self.planes, 1, 1, self.dtype, "conv1")(x)
+    conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name,
+                                       self.wgrad_im2col_min_channels)
+    y = conv(self.planes, 1, 1, "conv1")(x)
     y = nn.relu(bn("bn1")(y))
-    y = _conv(self.planes, 3, self.strides, self.dtype, "conv2")(y)
+    y = conv(self.planes, 3, self.strides, "conv2")(y)
     y = nn.relu(bn("bn2")(y))
-    y = _conv(self.planes * 4, 1, 1, self.dtype, "conv3")(y)
+    y = conv(self.planes * 4, 1, 1, "conv3")(y)
     y = bn("bn3", self.zero_init_residual)(y)
     if self.downsample:
-      x = _conv(self.planes * 4, 1, self.strides, self.dtype,
-                "downsample_conv")(x)
+      x = conv(self.planes * 4, 1, self.strides, "downsample_conv")(x)
       x = bn("downsample_bn")(x)
     return nn.relu(y + x)
 
 
 def _stage(x, depth, width, stage, first_stride, train_bn, zero_init_residual,
-           dtype, norm_groups=0):
+           dtype, norm_groups=0, wgrad_im2col_min_channels=0):
   block_cls = Bottleneck if is_bottleneck(depth) else BasicBlock
   planes = width * 2 ** (stage - 1)
   for b in range(STAGE_BLOCKS[depth][stage - 1]):
@@ -272,7 +312,8 @@ def _stage(x, depth, width, stage, first_stride, train_bn, zero_init_residual,
     downsample = b == 0 and (strides != 1 or
                              x.shape[-1] != planes * block_cls.expansion)
     x = block_cls(planes, strides, downsample, train_bn, zero_init_residual,
-                  dtype, norm_groups, name=f"layer{stage}_{b}")(x)
+                  dtype, norm_groups, wgrad_im2col_min_channels,
+                  name=f"layer{stage}_{b}")(x)
   return x
 
 
@@ -322,6 +363,7 @@ class ResNetStem(nn.Module):
       parameters, so ImageNet weights still load).
     space_to_depth: compute conv1 as a 4x4 convolution over 2x2 pixel
       blocks (StemConv): same numbers, faster on CPU for narrow stems.
+    wgrad_im2col_min_channels: see Conv3x3 (0 = never).
   """
   depth: int = 50
   width: int = 64
@@ -332,6 +374,7 @@ class ResNetStem(nn.Module):
   norm_groups: int = 0
   stride: int = 16
   space_to_depth: bool = False  # conv1 computed as in StemConv (same numbers)
+  wgrad_im2col_min_channels: int = 0
 
   @nn.compact
   def __call__(self, x):
@@ -350,7 +393,8 @@ class ResNetStem(nn.Module):
     res4_stride = 2 if self.stride == 16 else 1
     for stage, stride in ((1, 1), (2, 2), (3, res4_stride)):
       x = _stage(x, self.depth, self.width, stage, stride, self.train_bn,
-                 self.zero_init_residual, self.dtype, self.norm_groups)
+                 self.zero_init_residual, self.dtype, self.norm_groups,
+                 self.wgrad_im2col_min_channels)
       if self.freeze_at >= stage + 1:
         x = jax.lax.stop_gradient(x)
     return x
@@ -365,6 +409,7 @@ class ResNetHead(nn.Module):
   Attributes:
     pool: average-pool to [K, C5] (True) or return the map [K, h/2, w/2, C5]
       (the caller pools; the detection predictor may keep the layout).
+    wgrad_im2col_min_channels: see Conv3x3 (0 = never).
   """
   depth: int = 50
   width: int = 64
@@ -373,13 +418,14 @@ class ResNetHead(nn.Module):
   dtype: Any = jnp.float32
   norm_groups: int = 0
   pool: bool = True
+  wgrad_im2col_min_channels: int = 0
 
   @nn.compact
   def __call__(self, x):
     """x: [K, h, w, C4] -> pooled [K, C5] (or [K, h/2, w/2, C5]) float32."""
     x = _stage(x.astype(self.dtype), self.depth, self.width, 4, 2,
                self.train_bn, self.zero_init_residual, self.dtype,
-               self.norm_groups)
+               self.norm_groups, self.wgrad_im2col_min_channels)
     x = x.astype(jnp.float32)
     return jnp.mean(x, axis=(1, 2)) if self.pool else x
 

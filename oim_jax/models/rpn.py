@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from oim_jax import ops
+from oim_jax.models import resnet
 
 # Sampling labels.
 FG, BG, IGNORE = 1, 0, -1
@@ -28,21 +29,29 @@ class RPNHead(nn.Module):
     num_anchors: A, anchors per feature-map cell.
     channels: channels of the 3x3 conv (torchvision: = input channels).
     dtype: compute dtype; outputs are float32.
+    wgrad_im2col_min_channels: the 3x3 conv's weight gradient as an im2col
+      matmul from this many input channels (resnet.Conv3x3; 0 = never).
   """
   num_anchors: int
   channels: int
   dtype: Any = jnp.float32
+  wgrad_im2col_min_channels: int = 0  # see resnet.Conv3x3
 
   @nn.compact
   def __call__(self, x):
     """x: [N, h, w, C] -> (logits [N, h*w*A], deltas [N, h*w*A, 4]) float32."""
     init = nn.initializers.normal(0.01)  # torchvision RPNHead init
-    conv = lambda f, k, name: nn.Conv(
-        f, (k, k), padding="SAME", kernel_init=init, dtype=self.dtype,
+    conv = lambda f, name: nn.Conv(
+        f, (1, 1), padding="SAME", kernel_init=init, dtype=self.dtype,
         param_dtype=jnp.float32, name=name)
-    t = nn.relu(conv(self.channels, 3, "conv")(x.astype(self.dtype)))
-    logits = conv(self.num_anchors, 1, "cls_logits")(t)
-    deltas = conv(self.num_anchors * 4, 1, "bbox_pred")(t)
+    t = resnet.Conv3x3(self.channels, 1, self.dtype, use_bias=True,
+                       kernel_init=init, name="conv",
+                       wgrad_im2col_min_channels=(
+                           self.wgrad_im2col_min_channels))(
+                               x.astype(self.dtype))
+    t = nn.relu(t)
+    logits = conv(self.num_anchors, "cls_logits")(t)
+    deltas = conv(self.num_anchors * 4, "bbox_pred")(t)
     n = x.shape[0]
     return (logits.reshape(n, -1).astype(jnp.float32),
             deltas.reshape(n, -1, 4).astype(jnp.float32))

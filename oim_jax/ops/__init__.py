@@ -15,6 +15,8 @@ from oim_jax.ops.boxes import encode_boxes
 from oim_jax.ops.boxes import ROI_HEAD_WEIGHTS
 from oim_jax.ops.boxes import RPN_WEIGHTS
 from oim_jax.ops.boxes import small_box_mask
+from oim_jax.ops.conv import conv3x3
+from oim_jax.ops.conv import conv3x3_im2col_wgrad
 from oim_jax.ops.flip import flip_boxes
 from oim_jax.ops.flip import flip_images
 from oim_jax.ops.nms import batched_nms

@@ -63,10 +63,10 @@ def default_model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
   c.stem_space_to_depth = False
   # 3x3 convs with at least this many input channels compute their weight
   # gradient as one im2col matmul (resnet.Conv3x3; same numbers up to float
-  # rounding): on XLA:CPU 2x faster for ResNet-50's RPN conv, 1.3-1.9x for
-  # res5's, ResNet-50 train step -10 %. -1 = auto: 512 on CPU (the RPN and
-  # res5; narrower layers gain little for the patches' memory), 0 (never:
-  # XLA's own conv gradient) on GPU/TPU.
+  # rounding): on XLA:CPU 2.2x faster for ResNet-50's RPN conv, 1.4-2.1x
+  # for res5's, the ResNet-50 train step 3-10 % faster. -1 = auto: 512 on
+  # CPU (the RPN and res5; narrower layers gain little for the patches'
+  # memory), 0 (never: XLA's own conv gradient) on GPU/TPU.
   c.wgrad_im2col_min_channels = -1
   # Anchors (one feature map, stride 16); ratio = h / w as torchvision.
   c.anchor_sizes = (32, 64, 128, 256, 512)

@@ -38,3 +38,17 @@ def test_host_allocator_reads_train_logs(tmp_path):
   (t0, s0), (t1, s1) = host_allocator._log_points(str(log))
   assert (s0, s1) == (220, 230)
   assert abs((t1 - t0) - 2.5) < 1e-6
+
+
+def test_suite_markdown_renders_the_committed_results():
+  # Re-rendering the committed JSON (what --from_json does) must reproduce
+  # its tables, including the im2col A/B row.
+  import json  # pylint: disable=g-import-not-at-top
+  import run_suite  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "bench", "results", "suite.json")
+  with open(path) as f:
+    suite = json.load(f)
+  md = run_suite.markdown(suite)
+  assert "| XLA weight gradients |" in md
+  assert "| train step |" in md and "### Targets" in md

@@ -84,10 +84,10 @@ Why these choices (measured; numbers in the issue notes and the README):
   95.9 / 96.3 / 96.1. Without jemalloc (glibc malloc), seed 0 from a fresh
   machine: 17:27, the same numbers.
 - Session 10: 24 epochs (4,296 steps), lr x0.1 after 19, an evaluation
-  every 6 epochs. With jemalloc, seeds 0 / 1 / 2: 17:02 / 16:13 / 16:34
-  wall (0.20 s/step), mAP 84.9 / 77.0 / 79.9 (mean 80.6), top-1 86.2 /
-  80.0 / 78.8 (mean 81.7), det AP 95.7 / 96.3 / 97.0, recall 96.6 / 97.1 /
-  97.5 (20 epochs: 78.2 / 81.3 mean). Without
+  every 6 epochs. With jemalloc, seeds 0 / 1 / 2 / 3: 17:02 / 16:13 /
+  16:34 / 17:10 wall (0.20 s/step), mAP 84.9 / 77.0 / 79.9 / 80.1 (mean
+  80.5), top-1 86.2 / 80.0 / 78.8 / 82.5 (mean 81.9), det AP 95.5-97.0,
+  recall 96.1-97.5 (20 epochs: 78.2 / 81.3 mean). Without
   jemalloc, seed 0 from a fresh machine: 21:07, the same numbers.
 
   python train.py --config=configs/synthetic.py --workdir=runs/demo

@@ -6,10 +6,11 @@
   python eval.py ... --from_saved   # re-score saved detections, no model run
 """
 
-# First: re-executes this command with jemalloc preloaded where installed
-# (faster CPU steps, oim_jax/host_memory.py); OIM_JAX_JEMALLOC=0 turns it off.
+# First: re-executes this command with jemalloc or mimalloc preloaded where
+# installed (faster CPU steps, oim_jax/host_memory.py); OIM_JAX_MALLOC=system
+# turns it off.
 from oim_jax import host_memory  # pylint: disable=g-bad-import-order
-_HOST_MEMORY = host_memory.use_jemalloc()
+_HOST_MEMORY = host_memory.use_fast_malloc()
 
 from absl import app
 from absl import flags
@@ -17,6 +18,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from oim_jax import host_info
 from oim_jax import eval_lib
 
 FLAGS = flags.FLAGS
@@ -34,6 +36,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   logging.info(_HOST_MEMORY)
+  logging.info(host_info.cpu_summary())
   eval_lib.evaluate(FLAGS.config, FLAGS.workdir, step=FLAGS.checkpoint_step,
                     from_saved=FLAGS.from_saved)
 

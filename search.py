@@ -8,11 +8,11 @@ The model's config comes from DIR/config.json (written by train.py) unless
 --checkpoint_step).
 """
 
-# First: re-executes this command with jemalloc preloaded where installed
-# (as train.py and eval.py do, oim_jax/host_memory.py); OIM_JAX_JEMALLOC=0
-# turns it off.
+# First: re-executes this command with jemalloc or mimalloc preloaded where
+# installed (as train.py and eval.py do, oim_jax/host_memory.py);
+# OIM_JAX_MALLOC=system turns it off.
 from oim_jax import host_memory  # pylint: disable=g-bad-import-order
-_HOST_MEMORY = host_memory.use_jemalloc()
+_HOST_MEMORY = host_memory.use_fast_malloc()
 
 from absl import app
 from absl import flags
@@ -20,6 +20,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from oim_jax import host_info
 from oim_jax import eval_lib
 from oim_jax import search_lib
 
@@ -42,6 +43,7 @@ def main(argv):
   if len(FLAGS.box) != 4:
     raise app.UsageError("--box takes four numbers: x1,y1,x2,y2")
   logging.info(_HOST_MEMORY)
+  logging.info(host_info.cpu_summary())
   config = FLAGS.config or search_lib.config_from_workdir(FLAGS.workdir)
   params, step = eval_lib.restore_params(config, FLAGS.workdir,
                                          FLAGS.checkpoint_step)

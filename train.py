@@ -7,10 +7,11 @@
 Rerunning the same command resumes from the latest checkpoint in workdir.
 """
 
-# First: re-executes this command with jemalloc preloaded where installed
-# (faster CPU steps, oim_jax/host_memory.py); OIM_JAX_JEMALLOC=0 turns it off.
+# First: re-executes this command with jemalloc or mimalloc preloaded where
+# installed (faster CPU steps, oim_jax/host_memory.py); OIM_JAX_MALLOC=system
+# turns it off.
 from oim_jax import host_memory  # pylint: disable=g-bad-import-order
-_HOST_MEMORY = host_memory.use_jemalloc()
+_HOST_MEMORY = host_memory.use_fast_malloc()
 
 from absl import app
 from absl import flags
@@ -18,6 +19,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from oim_jax import host_info
 from oim_jax import train_lib
 
 FLAGS = flags.FLAGS
@@ -31,6 +33,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   logging.info(_HOST_MEMORY)
+  logging.info(host_info.cpu_summary())
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -25,6 +25,10 @@ Variants:
                       (freed pages purged after 10 s)
   jemalloc_no_purge   the same with MALLOC_CONF dirty/muzzy decay -1: what
                       train.py and eval.py do when jemalloc is installed
+  mimalloc            LD_PRELOAD=libmimalloc.so.3 of the cmeel-mimalloc
+                      wheel (pip), mimalloc's defaults
+  mimalloc_no_purge   the same with MIMALLOC_PURGE_DELAY=-1 (never give
+                      freed pages back)
 The last line of stdout is one JSON object.
 """
 
@@ -48,6 +52,8 @@ from oim_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-imp
 
 JEMALLOC = host_memory.find_jemalloc() or "libjemalloc.so.2"
 NO_PURGE = host_memory.NO_PURGE
+# mimalloc from the cmeel-mimalloc wheel (pip), purging on / off.
+MIMALLOC = host_memory.find_mimalloc() or "libmimalloc.so"
 # Environment per variant. train.py preloads jemalloc itself unless
 # OIM_JAX_JEMALLOC=0; an explicit LD_PRELOAD (with MALLOC_CONF) takes over.
 VARIANTS = {
@@ -55,6 +61,8 @@ VARIANTS = {
     "glibc_mallopt": {"OIM_JAX_JEMALLOC": "0", "OIM_BENCH_MALLOPT": "1"},
     "jemalloc": {"LD_PRELOAD": JEMALLOC, "MALLOC_CONF": ""},
     "jemalloc_no_purge": {"LD_PRELOAD": JEMALLOC, "MALLOC_CONF": NO_PURGE},
+    "mimalloc": {"LD_PRELOAD": MIMALLOC},
+    "mimalloc_no_purge": {"LD_PRELOAD": MIMALLOC, "MIMALLOC_PURGE_DELAY": "-1"},
 }
 
 
@@ -259,9 +267,14 @@ def main():
       p.error(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
     if args.mode == "train" and name == "glibc_mallopt":
       p.error("glibc_mallopt is a --mode step variant")
-    if "LD_PRELOAD" in VARIANTS[name] and host_memory.find_jemalloc() is None:
+    if (name.startswith("jemalloc")
+        and host_memory.find_jemalloc() is None):
       p.error(f"variant {name}: no libjemalloc.so.2 found (apt-get install "
               "libjemalloc2), or leave the variant out")
+    if (name.startswith("mimalloc")
+        and host_memory.find_mimalloc() is None):
+      p.error(f"variant {name}: no libmimalloc found (pip install "
+              "cmeel-mimalloc), or leave the variant out")
   if args.rounds is None:
     args.rounds = 6 if args.mode == "train" else 25
   if args.mode == "train":

@@ -1,11 +1,12 @@
 """Tests for oim_jax/host_memory.py.
 
 The allocator is chosen when a process starts, so the cases that load
-jemalloc run in fresh Python subprocesses. The fault probe mallocs, touches
-and frees a 48 MiB block five times (the pattern of XLA:CPU's per-step
-temporaries) and reports the minor page faults of the last four rounds:
-glibc mmaps a block that size and unmaps it on free, so each round faults
-all 12,288 pages back in; jemalloc without purging reuses the pages.
+jemalloc or mimalloc run in fresh Python subprocesses. The fault probe
+mallocs, touches and frees a 48 MiB block five times (the pattern of
+XLA:CPU's per-step temporaries) and reports the minor page faults of the
+last four rounds: glibc mmaps a block that size and unmaps it on free, so
+each round faults all 12,288 pages back in; jemalloc and mimalloc without
+purging reuse the pages.
 """
 
 import os
@@ -21,17 +22,21 @@ from oim_jax import host_memory
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PAGES = 48 * 2**20 // 4096
 _JEMALLOC = host_memory.find_jemalloc()
+_MIMALLOC = host_memory.find_mimalloc()
 
 needs_jemalloc = pytest.mark.skipif(
     _JEMALLOC is None or platform.system() != "Linux",
     reason="no libjemalloc.so.2 installed (.ci/run installs libjemalloc2)")
+needs_mimalloc = pytest.mark.skipif(
+    _MIMALLOC is None or platform.system() != "Linux",
+    reason="no libmimalloc (requirements.txt installs cmeel-mimalloc)")
 
 # Entry-point prologue as train.py has it, then the fault probe.
 _PROBE = textwrap.dedent("""
     import ctypes, resource, sys
     sys.path.insert(0, {root!r})
     from oim_jax import host_memory
-    line = host_memory.use_jemalloc()
+    line = host_memory.use_fast_malloc()
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = (ctypes.c_size_t,)
@@ -48,40 +53,87 @@ _PROBE = textwrap.dedent("""
     for _ in range(4):
       round_trip()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    print(host_memory.jemalloc_loaded(), (after - before) / 4)
+    print(host_memory.loaded_allocator(), (after - before) / 4)
     print(line)
 """)
 
 
 def _probe(**env_extra):
   env = {k: v for k, v in os.environ.items()
-         if k not in ("LD_PRELOAD", "MALLOC_CONF", host_memory.ENV_VAR,
-                      "OIM_JAX_JEMALLOC_REEXEC")}
+         if k not in ("LD_PRELOAD", "MALLOC_CONF", "MIMALLOC_PURGE_DELAY",
+                      host_memory.ENV_VAR, host_memory.LEGACY_ENV_VAR,
+                      "OIM_JAX_MALLOC_REEXEC")}
   env.update(env_extra)
   out = subprocess.run([sys.executable, "-c", _PROBE.format(root=_ROOT)],
                        env=env, capture_output=True, text=True, check=True,
                        timeout=60)
   first, line = out.stdout.strip().split("\n")
   loaded, faults = first.split()
-  return loaded == "True", float(faults), line
+  return loaded, float(faults), line
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
                     reason="the reference behaviour is glibc's")
-def test_glibc_faults_the_block_in_every_round():
-  # The reference the preload is measured against.
-  loaded, faults, line = _probe(OIM_JAX_JEMALLOC="0")
-  assert not loaded
+@pytest.mark.parametrize("env", [{"OIM_JAX_MALLOC": "system"},
+                                 {"OIM_JAX_JEMALLOC": "0"}])
+def test_glibc_faults_the_block_in_every_round(env):
+  # The reference the preload is measured against (and both switches off).
+  loaded, faults, line = _probe(**env)
+  assert loaded == "None"
   assert faults > 0.9 * _PAGES
-  assert "OIM_JAX_JEMALLOC=0" in line
+  (name, value), = env.items()
+  assert f"{name}={value}" in line
 
 
 @needs_jemalloc
 def test_reexecs_with_jemalloc_that_keeps_freed_pages():
-  loaded, faults, line = _probe()
-  assert loaded
+  loaded, faults, line = _probe()  # auto: jemalloc first when installed
+  assert loaded == "jemalloc"
   assert faults < 0.01 * _PAGES
   assert host_memory.NO_PURGE in line
+
+
+@needs_mimalloc
+def test_reexecs_with_mimalloc_that_keeps_freed_pages():
+  loaded, faults, line = _probe(OIM_JAX_MALLOC="mimalloc")
+  assert loaded == "mimalloc"
+  assert faults < 0.01 * _PAGES
+  assert "MIMALLOC_PURGE_DELAY=-1" in line
+
+
+def test_auto_falls_back_to_mimalloc(monkeypatch):
+  monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
+  monkeypatch.delenv(host_memory.LEGACY_ENV_VAR, raising=False)
+  for var in ("LD_PRELOAD", "OIM_JAX_MALLOC_REEXEC", "MIMALLOC_PURGE_DELAY"):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setattr(host_memory, "loaded_allocator", lambda: None)
+  monkeypatch.setattr(host_memory, "find_jemalloc", lambda: None)
+  monkeypatch.setattr(host_memory, "find_mimalloc", lambda: "/x/libmimalloc.so.3")
+  calls = []
+  def fake_execve(exe, argv, env):
+    calls.append(env)
+    raise SystemExit(0)
+  monkeypatch.setattr(os, "execve", fake_execve)
+  if platform.system() != "Linux":
+    return
+  with pytest.raises(SystemExit):
+    host_memory.use_fast_malloc(["python", "train.py"])
+  env, = calls
+  assert env["LD_PRELOAD"] == "/x/libmimalloc.so.3"
+  assert env["MIMALLOC_PURGE_DELAY"] == "-1"
+  assert env["OIM_JAX_MALLOC_REEXEC"] == "1"
+
+
+def test_asked_for_allocator_missing_is_an_error(monkeypatch):
+  monkeypatch.setenv(host_memory.ENV_VAR, "jemalloc")
+  monkeypatch.delenv("OIM_JAX_MALLOC_REEXEC", raising=False)
+  monkeypatch.delenv("LD_PRELOAD", raising=False)
+  monkeypatch.setattr(host_memory, "loaded_allocator", lambda: None)
+  monkeypatch.setattr(host_memory, "find_jemalloc", lambda: None)
+  monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))
+  if platform.system() == "Linux":
+    with pytest.raises(ValueError, match="apt-get install libjemalloc2"):
+      host_memory.use_fast_malloc()
 
 
 @needs_jemalloc
@@ -92,31 +144,40 @@ def test_user_malloc_conf_is_kept():
 
 def test_nothing_installed_leaves_the_process_alone(monkeypatch):
   monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
-  monkeypatch.setattr(host_memory, "jemalloc_loaded", lambda: False)
+  monkeypatch.delenv(host_memory.LEGACY_ENV_VAR, raising=False)
+  monkeypatch.delenv("OIM_JAX_MALLOC_REEXEC", raising=False)
+  monkeypatch.delenv("LD_PRELOAD", raising=False)
+  monkeypatch.setattr(host_memory, "loaded_allocator", lambda: None)
   monkeypatch.setattr(host_memory, "find_jemalloc", lambda: None)
+  monkeypatch.setattr(host_memory, "find_mimalloc", lambda: None)
   monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))
   if platform.system() == "Linux":
-    assert "apt-get install libjemalloc2" in host_memory.use_jemalloc()
+    line = host_memory.use_fast_malloc()
+    assert "pip install -r requirements.txt" in line
+    assert "apt-get install libjemalloc2" in line
 
 
 def test_failed_preload_does_not_loop(monkeypatch):
   # The loader ignores a preload it cannot load; the second pass must not
   # try again.
-  monkeypatch.setenv("OIM_JAX_JEMALLOC_REEXEC", "1")
+  monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
+  monkeypatch.delenv(host_memory.LEGACY_ENV_VAR, raising=False)
+  monkeypatch.setenv("OIM_JAX_MALLOC_REEXEC", "1")
   monkeypatch.setenv("LD_PRELOAD", "/nonexistent/libjemalloc.so.2")
-  monkeypatch.setattr(host_memory, "jemalloc_loaded", lambda: False)
+  monkeypatch.setattr(host_memory, "loaded_allocator", lambda: None)
   monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))
   if platform.system() == "Linux":
-    assert "failed" in host_memory.use_jemalloc()
+    assert "failed" in host_memory.use_fast_malloc()
 
 
 def test_other_preloaded_allocator_is_kept(monkeypatch):
   monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
+  monkeypatch.delenv(host_memory.LEGACY_ENV_VAR, raising=False)
   monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libtcmalloc.so.4")
-  monkeypatch.setattr(host_memory, "jemalloc_loaded", lambda: False)
+  monkeypatch.setattr(host_memory, "loaded_allocator", lambda: None)
   monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))
   if platform.system() == "Linux":
-    assert "tcmalloc" in host_memory.use_jemalloc()
+    assert "tcmalloc" in host_memory.use_fast_malloc()
 
 
 def test_find_jemalloc(tmp_path, monkeypatch):
@@ -131,10 +192,24 @@ def test_find_jemalloc(tmp_path, monkeypatch):
   assert host_memory.find_jemalloc(()) == str(lib)
 
 
-def test_bad_switch(monkeypatch):
-  monkeypatch.setenv(host_memory.ENV_VAR, "maybe")
-  with pytest.raises(ValueError, match="OIM_JAX_JEMALLOC"):
-    host_memory.use_jemalloc()
+def test_find_mimalloc(tmp_path, monkeypatch):
+  # The cmeel-mimalloc wheel puts it under site-packages/cmeel.prefix/lib.
+  monkeypatch.delenv("CONDA_PREFIX", raising=False)
+  monkeypatch.setattr(host_memory, "_site_dirs", lambda: [str(tmp_path)])
+  assert host_memory.find_mimalloc() is None
+  lib = tmp_path / "cmeel.prefix" / "lib" / "libmimalloc.so.3"
+  lib.parent.mkdir(parents=True)
+  lib.write_bytes(b"")
+  assert host_memory.find_mimalloc() == str(lib)
+
+
+@pytest.mark.parametrize("var,value", [("OIM_JAX_MALLOC", "tcmalloc"),
+                                       ("OIM_JAX_JEMALLOC", "maybe")])
+def test_bad_switch(monkeypatch, var, value):
+  monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
+  monkeypatch.setenv(var, value)
+  with pytest.raises(ValueError, match=var):
+    host_memory.use_fast_malloc()
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "search.py"])
@@ -148,4 +223,4 @@ def test_entry_points_choose_the_allocator_before_other_imports(script):
   first, second = stmts[0], stmts[1]
   assert isinstance(first, ast.ImportFrom) and first.module == "oim_jax"
   assert [a.name for a in first.names] == ["host_memory"]
-  assert "host_memory.use_jemalloc()" in ast.unparse(second)
+  assert "host_memory.use_fast_malloc()" in ast.unparse(second)

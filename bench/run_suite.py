@@ -4,8 +4,9 @@
       [--skip torch,breakdown,eval,pipeline,...]
 
 Every measurement runs in its own subprocess with the same environment
-(allocator: jemalloc preloaded when installed, with purging off as train.py
-runs it (oim_jax/host_memory.py), for the JAX and the torch processes alike; OMP/MKL threads = the core count; torch.set_num_threads
+(allocator: what train.py preloads, jemalloc when installed, else mimalloc,
+with purging off (oim_jax/host_memory.py), for the JAX and the torch
+processes alike; OMP/MKL threads = the core count; torch.set_num_threads
 the same), and records the load average before and after it. Rows:
 
   * matmul peak: best-of-3 n^3 jnp.dot, float32 (and bfloat16 on GPU):
@@ -66,10 +67,9 @@ def bench_env() -> dict[str, str]:
   n = str(os.cpu_count())
   env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n,
              PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
-  jemalloc = host_memory.find_jemalloc()
-  if jemalloc:
-    env["LD_PRELOAD"] = jemalloc
-    env["MALLOC_CONF"] = host_memory.NO_PURGE
+  # The allocator train.py would preload (jemalloc, else mimalloc; no purge)
+  # for JAX and torch alike.
+  env.update(host_memory.preload_env())
   return env
 
 

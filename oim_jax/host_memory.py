@@ -104,6 +104,33 @@ def jemalloc_loaded() -> bool:
   return loaded_allocator() == "jemalloc"
 
 
+def preload_env(choice: str = "auto") -> dict[str, str]:
+  """Environment that preloads the allocator `choice` with purging off.
+
+  Args:
+    choice: "auto" (jemalloc if installed, else mimalloc), "jemalloc" or
+      "mimalloc".
+
+  Returns:
+    {"LD_PRELOAD": path, plus MALLOC_CONF or MIMALLOC_PURGE_DELAY}, or {}
+    when that allocator is not installed. For subprocesses (benchmarks) as
+    much as for the entry points' re-execution.
+  """
+  order = ("jemalloc", "mimalloc") if choice == "auto" else (choice,)
+  for name in order:
+    if name == "jemalloc":
+      path = find_jemalloc()
+      if path:
+        return {"LD_PRELOAD": path, "MALLOC_CONF": NO_PURGE}
+    elif name == "mimalloc":
+      path = find_mimalloc()
+      if path:
+        return {"LD_PRELOAD": path, **MIMALLOC_NO_PURGE}
+    else:
+      raise ValueError(f"allocator {name!r}: jemalloc | mimalloc")
+  return {}
+
+
 def _choice() -> str:
   value = os.environ.get(ENV_VAR, "").strip().lower()
   if value:
@@ -157,18 +184,15 @@ def use_fast_malloc(argv: list[str] | None = None) -> str:
   if loaded:
     os.environ.pop(_REEXEC_MARK, None)
     return f"host malloc: {loaded}, {_settings(loaded)}"
-  preload = os.environ.get("LD_PRELOAD", "")
-  if "tcmalloc" in preload:
-    return f"host malloc: as preloaded (LD_PRELOAD={preload})"
+  preloaded = os.environ.get("LD_PRELOAD", "")
+  if "tcmalloc" in preloaded:
+    return f"host malloc: as preloaded (LD_PRELOAD={preloaded})"
   if os.environ.get(_REEXEC_MARK):
     return ("host malloc: system default (preloading "
             f"{os.environ.get('LD_PRELOAD')} failed; see the loader's "
             f"message above; {ENV_VAR}=system skips the attempt)")
-  order = ("jemalloc", "mimalloc") if choice == "auto" else (choice,)
-  finders = {"jemalloc": find_jemalloc, "mimalloc": find_mimalloc}
-  found = [(name, finders[name]()) for name in order]
-  found = [(name, path) for name, path in found if path]
-  if not found:
+  preload = preload_env(choice)
+  if not preload:
     if choice == "auto":
       return ("host malloc: glibc; pip install -r requirements.txt (its "
               "cmeel-mimalloc) or apt-get install libjemalloc2 for "
@@ -177,14 +201,11 @@ def use_fast_malloc(argv: list[str] | None = None) -> str:
         f"{ENV_VAR}={choice}: no lib{choice} found ("
         + ("apt-get install libjemalloc2" if choice == "jemalloc"
            else "pip install cmeel-mimalloc") + ")")
-  name, path = found[0]
   env = dict(os.environ)
-  env["LD_PRELOAD"] = ":".join(p for p in (path, env.get("LD_PRELOAD")) if p)
-  if name == "jemalloc":
-    env.setdefault("MALLOC_CONF", NO_PURGE)
-  else:
-    for key, value in MIMALLOC_NO_PURGE.items():
-      env.setdefault(key, value)
+  env["LD_PRELOAD"] = ":".join(
+      p for p in (preload.pop("LD_PRELOAD"), env.get("LD_PRELOAD")) if p)
+  for key, value in preload.items():
+    env.setdefault(key, value)
   env[_REEXEC_MARK] = "1"
   argv = list(argv if argv is not None else sys.orig_argv)
   sys.stdout.flush()

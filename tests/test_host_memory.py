@@ -124,6 +124,20 @@ def test_auto_falls_back_to_mimalloc(monkeypatch):
   assert env["OIM_JAX_MALLOC_REEXEC"] == "1"
 
 
+def test_preload_env(monkeypatch):
+  monkeypatch.setattr(host_memory, "find_jemalloc", lambda: "/j/libjemalloc.so.2")
+  monkeypatch.setattr(host_memory, "find_mimalloc", lambda: "/m/libmimalloc.so.3")
+  assert host_memory.preload_env() == {
+      "LD_PRELOAD": "/j/libjemalloc.so.2", "MALLOC_CONF": host_memory.NO_PURGE}
+  assert host_memory.preload_env("mimalloc") == {
+      "LD_PRELOAD": "/m/libmimalloc.so.3", "MIMALLOC_PURGE_DELAY": "-1"}
+  monkeypatch.setattr(host_memory, "find_jemalloc", lambda: None)
+  assert host_memory.preload_env()["LD_PRELOAD"] == "/m/libmimalloc.so.3"
+  assert host_memory.preload_env("jemalloc") == {}
+  with pytest.raises(ValueError, match="tcmalloc"):
+    host_memory.preload_env("tcmalloc")
+
+
 def test_asked_for_allocator_missing_is_an_error(monkeypatch):
   monkeypatch.setenv(host_memory.ENV_VAR, "jemalloc")
   monkeypatch.delenv("OIM_JAX_MALLOC_REEXEC", raising=False)

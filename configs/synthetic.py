@@ -89,6 +89,11 @@ Why these choices (measured; numbers in the issue notes and the README):
   80.5), top-1 86.2 / 80.0 / 78.8 / 82.5 (mean 81.9), det AP 95.5-97.0,
   recall 96.1-97.5 (20 epochs: 78.2 / 81.3 mean). Without
   jemalloc, seed 0 from a fresh machine: 21:07, the same numbers.
+- Session 11, the same default on the other VM kind (AVX2-only AMD EPYC,
+  matmul peak 0.147 vs 0.32-0.40 TFLOP/s), mimalloc, fresh dataset, seed 0:
+  43:43 wall at 0.52 s/step, mAP 51.6 / 72.2 / 79.5 / 81.1, top-1 82.5, det
+  AP 94.4, recall 95.2: same quality, 2.6x the time (20 min = step ~2,000).
+  One default for both kinds; bench/results/training.md "Session 11".
 
   python train.py --config=configs/synthetic.py --workdir=runs/demo
   python train.py --config=configs/synthetic.py:long --workdir=runs/long

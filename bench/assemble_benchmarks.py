@@ -9,7 +9,7 @@ numbers); this only orders them under one header.
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ("suite", "conv3x3", "host_allocator", "model", "ops", "oim", "evaluation", "pipeline",
+ORDER = ("suite", "suite_avx2", "conv3x3", "host_allocator", "model", "ops", "oim", "evaluation", "pipeline",
          "dataset_loaders", "synthetic", "training")
 
 HEADER = """# Benchmarks
@@ -38,6 +38,11 @@ The train-step target (<= 1.0x) and the inference target (<= 0.6x) are not
 met. The VM's matmul peak was 0.402 TFLOP/s that day (0.379 in session 9,
 0.325 in session 8, 0.183 in session 5): compare ratios, not absolute times,
 across sessions.
+The second suite (`suite_avx2.md`) is the same command on the other VM kind
+these sessions get, an AVX2-only AMD EPYC (session 12; matmul peak 0.168
+TFLOP/s vs 0.402): train step 12.44 vs 11.72 s (**1.06x**), detect + embed
+7.47 vs 5.78 s (**1.29x**); the synthetic train step 0.405 vs 0.208 s. The
+machine line of each suite names the ISA (recorded from session 12 on).
 The tiny rows measure today's `configs/synthetic.py` model, whose inference
 includes two refinement passes of the box head and the flip test (16.6
 GFLOP/image).

@@ -1,7 +1,7 @@
 """The benchmark suite: one command, JSON + markdown.
 
   python bench/run_suite.py [--quick] [--out bench/results/suite]
-      [--skip torch,breakdown,eval,pipeline,...]
+      [--skip torch,breakdown,eval,pipeline,...] [--label "machine kind"]
 
 Every measurement runs in its own subprocess with the same environment
 (allocator: what train.py preloads, jemalloc when installed, else mimalloc,
@@ -47,6 +47,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+from oim_jax import host_info  # pylint: disable=g-import-not-at-top,wrong-import-position
 from oim_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Issue targets and the nominal model cost (ResNet-50 C4 at 900x1500).
@@ -126,13 +127,11 @@ def probe_backend(runner: Runner) -> dict:
 
 
 def machine() -> dict:
-  cpu = platform.processor() or platform.machine()
+  cpu, flags = platform.processor() or platform.machine(), []
   try:
     with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
+      model, flags = host_info.parse_cpuinfo(f.read())
+    cpu = model or cpu
   except OSError:
     pass
   mem = None
@@ -146,7 +145,9 @@ def machine() -> dict:
     np_version = numpy.__version__
   except ImportError:
     np_version = "?"
-  return {"cpu": cpu, "cores": os.cpu_count(),
+  # The ISA decides XLA:CPU's speed (host_info.py): same model name, 2.4x
+  # apart in matmul peak between this project's AVX-512 and AVX2-only VMs.
+  return {"cpu": cpu, "isa": flags, "cores": os.cpu_count(),
           "memory_gib": round(mem, 1) if mem else None,
           "python": platform.python_version(), "numpy": np_version,
           "platform": platform.platform()}
@@ -165,7 +166,8 @@ def run_all(args) -> dict:
   suite = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
            "quick": quick, "machine": machine(), "backend": backend,
            "env": {k: runner.env.get(k, "") for k in
-                   ("LD_PRELOAD", "MALLOC_CONF", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                   ("LD_PRELOAD", "MALLOC_CONF", "MIMALLOC_PURGE_DELAY",
+                    "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                     "XLA_FLAGS", "JAX_PLATFORMS")},
            "load_start": load_avg()}
   res = {}
@@ -311,15 +313,23 @@ def markdown(suite: dict) -> str:
   recs = {r["name"]: r for r in suite["records"]}
   m, b, s = suite["machine"], suite["backend"], suite["summary"]
   gpu = b["backend"] in ("gpu", "cuda", "rocm")
-  lines = [f"## Benchmark suite{' (--quick)' if suite['quick'] else ''}", ""]
+  title = "## Benchmark suite" + (f": {suite['label']}" if suite.get("label")
+                                  else "")
+  lines = [f"{title}{' (--quick)' if suite['quick'] else ''}", ""]
+  isa = m.get("isa")
+  isa = (f" ({' '.join(isa)}{'' if 'avx512f' in isa else '; no avx512f'})"
+         if isa is not None else "")
   lines += [
-      f"Date {suite['date']}. Machine: {m['cpu']}, {m['cores']} cores, "
+      f"Date {suite['date']}. Machine: {m['cpu']}{isa}, {m['cores']} cores, "
       f"{m['memory_gib']} GiB RAM; JAX backend `{b['backend']}` "
       f"({b['device_count']} x {b['device_kind']}), jax {b['jax']}, "
       f"Python {m['python']}, NumPy {m['numpy']}.",
       f"Environment of every measurement process: LD_PRELOAD="
       f"`{suite['env']['LD_PRELOAD'] or '(none)'}`, MALLOC_CONF="
-      f"`{suite['env'].get('MALLOC_CONF') or '(none)'}`, OMP/MKL threads "
+      f"`{suite['env'].get('MALLOC_CONF') or '(none)'}`"
+      + (f", MIMALLOC_PURGE_DELAY=`{suite['env']['MIMALLOC_PURGE_DELAY']}`"
+         if suite["env"].get("MIMALLOC_PURGE_DELAY") else "")
+      + ", OMP/MKL threads "
       f"{suite['env']['OMP_NUM_THREADS']}, XLA_FLAGS="
       f"`{suite['env']['XLA_FLAGS'] or '(none)'}`.",
       f"Load average (1/5/15 min) at start {suite['load_start']}, at end "
@@ -553,6 +563,8 @@ def main():
   p.add_argument("--skip", default="",
                  help="comma list of torch, breakdown, experiment, eval, "
                  "pipeline")
+  p.add_argument("--label", default="",
+                 help="heading suffix, e.g. the machine kind")
   p.add_argument("--timeout", type=int, default=900,
                  help="seconds per measurement process")
   p.add_argument("--from_json", default="",
@@ -563,6 +575,8 @@ def main():
       suite = json.load(f)
   else:
     suite = run_all(args)
+  if args.label:
+    suite["label"] = args.label
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   if not args.from_json:
     with open(args.out + ".json", "w") as f:

@@ -41,14 +41,39 @@ def test_host_allocator_reads_train_logs(tmp_path):
 
 
 def test_suite_markdown_renders_the_committed_results():
-  # Re-rendering the committed JSON (what --from_json does) must reproduce
-  # its tables, including the im2col A/B row.
+  # Re-rendering each committed JSON (what --from_json does) must reproduce
+  # its committed markdown exactly, im2col A/B row included.
+  import glob  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import run_suite  # pylint: disable=g-import-not-at-top
+  results = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "bench", "results")
+  paths = sorted(glob.glob(os.path.join(results, "suite*.json")))
+  assert len(paths) >= 2, paths  # the two CPU kinds
+  for path in paths:
+    with open(path) as f:
+      suite = json.load(f)
+    md = run_suite.markdown(suite)
+    assert "| XLA weight gradients |" in md
+    assert "| train step |" in md and "### Targets" in md
+    with open(path[:-len(".json")] + ".md") as f:
+      assert md == f.read(), path
+
+
+def test_suite_markdown_names_the_label_isa_and_allocator():
   import json  # pylint: disable=g-import-not-at-top
   import run_suite  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), "bench", "results", "suite.json")
   with open(path) as f:
     suite = json.load(f)
-  md = run_suite.markdown(suite)
-  assert "| XLA weight gradients |" in md
-  assert "| train step |" in md and "### Targets" in md
+  suite["label"] = "kind B"
+  suite["machine"]["isa"] = ["avx2", "fma"]
+  suite["env"].update(LD_PRELOAD="/x/libmimalloc.so.3", MALLOC_CONF="",
+                      MIMALLOC_PURGE_DELAY="-1")
+  head = run_suite.markdown(suite).splitlines()
+  assert head[0] == "## Benchmark suite: kind B"
+  assert "(avx2 fma; no avx512f), 2 cores" in head[2]
+  assert "MIMALLOC_PURGE_DELAY=`-1`" in head[3]
+  suite["machine"]["isa"] = ["avx2", "fma", "avx512f"]
+  assert "(avx2 fma avx512f), 2 cores" in run_suite.markdown(suite)

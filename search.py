@@ -13,6 +13,11 @@ The model's config comes from DIR/config.json (written by train.py) unless
 # OIM_JAX_MALLOC=system turns it off.
 from oim_jax import host_memory  # pylint: disable=g-bad-import-order
 _HOST_MEMORY = host_memory.use_fast_malloc()
+# Then, before JAX starts: XLA's own CPU convolutions instead of YNNPACK's
+# (faster for these layers, oim_jax/xla_flags.py); OIM_JAX_YNN_CONV=1 keeps
+# YNNPACK's.
+from oim_jax import xla_flags  # pylint: disable=g-bad-import-order,g-import-not-at-top
+_XLA_FLAGS = xla_flags.use_fast_cpu_flags()
 
 from absl import app
 from absl import flags
@@ -43,6 +48,7 @@ def main(argv):
   if len(FLAGS.box) != 4:
     raise app.UsageError("--box takes four numbers: x1,y1,x2,y2")
   logging.info(_HOST_MEMORY)
+  logging.info(_XLA_FLAGS)
   logging.info(host_info.cpu_summary())
   config = FLAGS.config or search_lib.config_from_workdir(FLAGS.workdir)
   params, step = eval_lib.restore_params(config, FLAGS.workdir,

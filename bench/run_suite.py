@@ -6,8 +6,9 @@
 Every measurement runs in its own subprocess with the same environment
 (allocator: what train.py preloads, jemalloc when installed, else mimalloc,
 with purging off (oim_jax/host_memory.py), for the JAX and the torch
-processes alike; OMP/MKL threads = the core count; torch.set_num_threads
-the same), and records the load average before and after it. Rows:
+processes alike; XLA_FLAGS as train.py sets them (oim_jax/xla_flags.py);
+OMP/MKL threads = the core count; torch.set_num_threads the same), and
+records the load average before and after it. Rows:
 
   * matmul peak: best-of-3 n^3 jnp.dot, float32 (and bfloat16 on GPU):
     the physical limit the model's FLOP/s are measured against;
@@ -48,6 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from oim_jax import host_info  # pylint: disable=g-import-not-at-top,wrong-import-position
+from oim_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from oim_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Issue targets and the nominal model cost (ResNet-50 C4 at 900x1500).
@@ -71,6 +73,10 @@ def bench_env() -> dict[str, str]:
   # The allocator train.py would preload (jemalloc, else mimalloc; no purge)
   # for JAX and torch alike.
   env.update(host_memory.preload_env())
+  # And the XLA:CPU flags it sets (XLA's own convolutions, xla_flags.py).
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  env["XLA_FLAGS"] = xla_flags.cpu_flags(env.get("XLA_FLAGS", ""),
+                                         jaxlib.__version__)[0]
   return env
 
 

@@ -1,0 +1,72 @@
+"""XLA:CPU flags that train.py, eval.py and search.py set before JAX starts.
+
+jaxlib 0.10-0.11 hands CPU convolutions to YNNPACK by default. For this
+project's layers XLA's own convolutions are faster, on the AVX2-only VM
+(session 12, A/B in alternating processes, bench/results/xla_cpu_flags.md):
+synthetic train step 0.407 -> 0.303 s, its inference 0.75 -> 0.55 s,
+ResNet-50 train step at 900x1500 12.54 -> 11.78 s, inference 6.88 -> 6.54 s.
+Dots, reductions and elementwise fusions stay with YNNPACK (turning all of
+YNNPACK off was slower than this: 0.323 s).
+
+Only the flag's YNNPACK fusion list changes, so the model computes the same
+convolutions in a different kernel (float rounding differs, as between CPU
+kinds). A user's XLA_FLAGS that already set the flag win; OIM_JAX_YNN_CONV=1
+keeps YNNPACK convolutions. Other jaxlib versions get no flag (XLA aborts on
+a flag it does not know). GPU and TPU backends ignore it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+
+ENV_VAR = "OIM_JAX_YNN_CONV"
+FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+NO_YNN_CONV = FLAG + "=-individual_convolution"
+# jaxlib versions known to have the flag (measured: 0.10.2; 0.11 has it too).
+_TESTED = ((0, 10), (0, 12))
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+  parts = []
+  for piece in version.split(".")[:3]:
+    digits = "".join(c for c in piece if c.isdigit())
+    if not digits:
+      break
+    parts.append(int(digits))
+  return tuple(parts)
+
+
+def cpu_flags(xla_flags: str, jaxlib_version: str,
+              keep_ynn_conv: bool = False) -> tuple[str, str]:
+  """(new XLA_FLAGS, log line) for the given XLA_FLAGS and jaxlib version.
+
+  Args:
+    xla_flags: the current XLA_FLAGS ("" if unset).
+    jaxlib_version: e.g. "0.10.2".
+    keep_ynn_conv: leave YNNPACK's convolutions on (OIM_JAX_YNN_CONV=1).
+  """
+  if keep_ynn_conv:
+    return xla_flags, f"XLA:CPU convolutions: YNNPACK ({ENV_VAR}=1)"
+  if FLAG in xla_flags:
+    return xla_flags, "XLA:CPU convolutions: as XLA_FLAGS says"
+  low, high = _TESTED
+  if not low <= _version_tuple(jaxlib_version)[:2] < high:
+    return xla_flags, (f"XLA:CPU convolutions: jaxlib {jaxlib_version}'s "
+                       "default (flag not set outside jaxlib 0.10-0.11)")
+  new = " ".join(f for f in (xla_flags, NO_YNN_CONV) if f)
+  return new, f"XLA:CPU convolutions: XLA's own ({NO_YNN_CONV})"
+
+
+def use_fast_cpu_flags() -> str:
+  """Sets XLA_FLAGS in os.environ (before JAX starts); returns a log line."""
+  try:
+    version = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return "XLA:CPU convolutions: jaxlib not installed"
+  new, message = cpu_flags(
+      os.environ.get("XLA_FLAGS", ""), version,
+      keep_ynn_conv=os.environ.get(ENV_VAR, "").strip() in ("1", "true"))
+  if new:
+    os.environ["XLA_FLAGS"] = new
+  return message

@@ -94,6 +94,10 @@ Why these choices (measured; numbers in the issue notes and the README):
   43:43 wall at 0.52 s/step, mAP 51.6 / 72.2 / 79.5 / 81.1, top-1 82.5, det
   AP 94.4, recall 95.2: same quality, 2.6x the time (20 min = step ~2,000).
   One default for both kinds; bench/results/training.md "Session 11".
+- Session 12: train.py sets XLA's own CPU convolutions instead of YNNPACK's
+  (oim_jax/xla_flags.py). Same kind and command: 26:21 wall at 0.31 s/step,
+  mAP 52.0 / 70.0 / 78.9 / 86.2, top-1 90.0, det AP 96.8, recall 97.2 (one
+  seed).
 
   python train.py --config=configs/synthetic.py --workdir=runs/demo
   python train.py --config=configs/synthetic.py:long --workdir=runs/long

@@ -39,10 +39,16 @@ met. The VM's matmul peak was 0.402 TFLOP/s that day (0.379 in session 9,
 0.325 in session 8, 0.183 in session 5): compare ratios, not absolute times,
 across sessions.
 The second suite (`suite_avx2.md`) is the same command on the other VM kind
-these sessions get, an AVX2-only AMD EPYC (session 12; matmul peak 0.168
-TFLOP/s vs 0.402): train step 12.44 vs 11.72 s (**1.06x**), detect + embed
-7.47 vs 5.78 s (**1.29x**); the synthetic train step 0.405 vs 0.208 s. The
-machine line of each suite names the ISA (recorded from session 12 on).
+these sessions get, an AVX2-only AMD EPYC (session 13; matmul peak 0.159
+TFLOP/s vs 0.402), with XLA's own CPU convolutions instead of jaxlib's
+default YNNPACK ones (`xla_cpu_flags.md`, `oim_jax/xla_flags.py`; since
+session 12 train.py, eval.py, search.py, the tests and the suite set that
+flag): train step 12.06 vs 11.80 s (**1.02x**), detect + embed 6.67 vs
+6.07 s (**1.10x**); the synthetic train step 0.33 s (session 10's suite on
+the AVX-512 kind: 0.21 s). Session 12's suite on the AVX2 kind, before the
+flag: 12.44 vs 11.72 s (1.06x), 7.47 vs 5.78 s (1.29x), synthetic 0.405 s.
+The session-10 suite above predates the flag (not rerun on that kind yet).
+The machine line of each suite names the ISA (recorded from session 12 on).
 The tiny rows measure today's `configs/synthetic.py` model, whose inference
 includes two refinement passes of the box head and the flip test (16.6
 GFLOP/image).

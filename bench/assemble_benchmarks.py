@@ -9,7 +9,7 @@ numbers); this only orders them under one header.
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ("suite", "suite_avx2", "conv3x3", "host_allocator", "xla_cpu_flags", "model", "ops", "oim", "evaluation", "pipeline",
+ORDER = ("suite", "suite_avx2", "conv3x3", "host_allocator", "xla_cpu_flags", "tiny_convs", "model", "ops", "oim", "evaluation", "pipeline",
          "dataset_loaders", "synthetic", "training")
 
 HEADER = """# Benchmarks

@@ -96,8 +96,9 @@ Why these choices (measured; numbers in the issue notes and the README):
   One default for both kinds; bench/results/training.md "Session 11".
 - Session 12: train.py sets XLA's own CPU convolutions instead of YNNPACK's
   (oim_jax/xla_flags.py). Same kind and command: 26:21 wall at 0.31 s/step,
-  mAP 52.0 / 70.0 / 78.9 / 86.2, top-1 90.0, det AP 96.8, recall 97.2 (one
-  seed).
+  mAP 52.0 / 70.0 / 78.9 / 86.2, top-1 90.0, det AP 96.8, recall 97.2 (seed
+  0). Session 13, seed 1: 28:57 at 0.34 s/step, mAP 82.5, top-1 83.8, det AP
+  95.4, recall 96.7.
 
   python train.py --config=configs/synthetic.py --workdir=runs/demo
   python train.py --config=configs/synthetic.py:long --workdir=runs/long

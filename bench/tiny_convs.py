@@ -33,7 +33,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -69,12 +68,8 @@ LAYERS = (("res2 3x3 16->16", (4, 72, 120, 16), 16, 1, 4),
 def _ms(fn, args, iters):
   fn = jax.jit(fn)
   jax.block_until_ready(fn(*args))  # compile outside the timing
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * statistics.median(times)
+  return 1e3 * statistics.median(
+      suite_jax._timed_calls(lambda: fn(*args), iters))  # pylint: disable=protected-access
 
 
 def split_part(iters, overrides):
@@ -120,10 +115,6 @@ def split_part(iters, overrides):
   return out
 
 
-def conv(x, k, stride):
-  return oconv.conv3x3(x, k, stride)
-
-
 def wgrad_taps(x, g, stride):
   """Weight gradient as nine [Cin, NHW] @ [NHW, Cout] matmuls."""
   _, ho, wo, cout = g.shape
@@ -133,11 +124,6 @@ def wgrad_taps(x, g, stride):
              j:j + stride * (wo - 1) + 1:stride].reshape(-1, x.shape[-1]).T
           @ g2 for i in range(3) for j in range(3)]
   return jnp.stack(taps).reshape(3, 3, x.shape[-1], cout)
-
-
-def wgrad_im2col(x, g, stride):
-  p = oconv.patches_3x3(x, stride, g.shape[1:3])
-  return jnp.einsum("nhwk,nhwd->kd", p, g).reshape(3, 3, x.shape[-1], -1)
 
 
 def fwd_im2col(x, k, stride):
@@ -167,16 +153,18 @@ def layers_part(iters):
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     k = jnp.asarray(rng.normal(size=(3, 3, shape[-1], cout)) * 0.1,
                     jnp.float32)
-    y = conv(x, k, stride)
+    y = oconv.conv3x3(x, k, stride)
     g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
     dgrad = lambda x, k, g, s=stride: jax.vjp(
-        lambda v: conv(v, k, s), x)[1](g)[0]
+        lambda v: oconv.conv3x3(v, k, s), x)[1](g)[0]
     wgrad = lambda x, k, g, s=stride: jax.vjp(
-        lambda w: conv(x, w, s), k)[1](g)[0]
+        lambda w: oconv.conv3x3(x, w, s), k)[1](g)[0]
     want_w = wgrad(x, k, g)
     alternatives = {
-        "wgrad_im2col": (lambda x, g, s=stride: wgrad_im2col(x, g, s), (x, g),
-                         want_w),
+        # The project's im2col weight gradient (model.wgrad_im2col_min_channels).
+        "wgrad_im2col": (lambda x, k, g, s=stride: jax.vjp(
+            lambda w: oconv.conv3x3_im2col_wgrad(x, w, s), k)[1](g)[0],
+                         (x, k, g), want_w),
         "wgrad_taps": (lambda x, g, s=stride: wgrad_taps(x, g, s), (x, g),
                        want_w),
         "fwd_im2col": (lambda x, k, s=stride: fwd_im2col(x, k, s), (x, k), y),
@@ -185,7 +173,8 @@ def layers_part(iters):
     row = {"layer": name, "input": list(shape), "cout": cout,
            "stride": stride, "count": count,
            "gflop": 2 * y.size * 9 * shape[-1] / 1e9,
-           "fwd_ms": _ms(lambda x, k, s=stride: conv(x, k, s), (x, k), iters),
+           "fwd_ms": _ms(lambda x, k, s=stride: oconv.conv3x3(x, k, s), (x, k),
+                         iters),
            "dgrad_ms": _ms(dgrad, (x, k, g), iters),
            "wgrad_ms": _ms(wgrad, (x, k, g), iters)}
     for alt, (fn, args, want) in alternatives.items():

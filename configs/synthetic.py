@@ -99,6 +99,13 @@ Why these choices (measured; numbers in the issue notes and the README):
   mAP 52.0 / 70.0 / 78.9 / 86.2, top-1 90.0, det AP 96.8, recall 97.2 (seed
   0). Session 13, seed 1: 28:57 at 0.34 s/step, mAP 82.5, top-1 83.8, det AP
   95.4, recall 96.7.
+- Session 14 (a ~20 % slower VM of the AVX2 kind: matmul peak 0.127,
+  0.40 s/step): res5 with one block (`model.head_blocks=1`) cut the step
+  25 % but scored mAP 76.1 / top-1 81.2 (seed 0; default 86.2 / 90.0), not
+  adopted; 24 sampled RoIs per image with the person cap kept at 16
+  (`model.roi.batch_size=24`, `fg_fraction=0.6667`, backgrounds dropped)
+  cut ~8 % of the step at mAP 85.5 / 76.3, top-1 87.5 / 80.0 (seeds 0 /
+  1; default 86.2 / 82.5, 90.0 / 83.8), not adopted.
 
   python train.py --config=configs/synthetic.py --workdir=runs/demo
   python train.py --config=configs/synthetic.py:long --workdir=runs/long

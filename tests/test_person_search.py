@@ -197,7 +197,8 @@ def test_bad_config_errors():
                        ("roi.det_features", "flat"),
                        ("roi.embedding_features", "avg"),
                        ("rpn.stride", 32),
-                       ("wgrad_im2col_min_channels", -2)):
+                       ("wgrad_im2col_min_channels", -2),
+                       ("head_blocks", -1)):
     config = _config()
     config.update_from_flattened_dict({f"model.{field}": value})
     with pytest.raises(ValueError, match=f"config.model.{field}="):

@@ -172,3 +172,32 @@ def test_pth_without_torch_is_a_clear_error(tmp_path, monkeypatch):
   open(src, "wb").close()
   with pytest.raises(ImportError, match="safetensors"):
     pretrained.read_state_dict(src)
+
+
+@pytest.mark.parametrize("head_blocks", [0, 1])
+def test_model_init_loads_the_file_into_a_shortened_res5(tmp_path, head_blocks):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from oim_jax.models import person_search as ps  # pylint: disable=g-import-not-at-top
+  sd = _torchvision_state_dict(18, 8, seed=5)
+  src, out = (os.path.join(tmp_path, n) for n in ("r18.npz", "r18_conv.npz"))
+  np.savez(src, **sd)
+  assert pretrained.main(["x", "convert", src, out]) == 0
+  c = ml_collections.ConfigDict()
+  c.model = ps.default_model_config("tiny")
+  c.model.pretrained = out
+  c.model.head_blocks = head_blocks
+  c.oim = ml_collections.ConfigDict(dict(
+      loss="oim", num_labeled=3, queue_size=8, scalar=30.0, momentum=0.5,
+      normalize=True))
+  params = ps.init_params(ps.create_model(c), c, jax.random.PRNGKey(0))
+  # head_blocks=1 keeps res5's first block and takes it from the file; the
+  # file's second block has nowhere to go and is left out, not an error.
+  want = ["layer4_0"] if head_blocks == 1 else ["layer4_0", "layer4_1"]
+  assert sorted(params["res5"]) == want
+  for block in want:
+    np.testing.assert_array_equal(
+        np.asarray(params["res5"][block]["conv1"]["kernel"]),
+        sd[f"layer4.{block[-1]}.conv1.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      np.asarray(params["stem"]["layer3_1"]["conv2"]["kernel"]),
+      sd["layer3.1.conv2.weight"].transpose(2, 3, 1, 0))

@@ -286,3 +286,25 @@ def test_max_pool_3x3_s2_ties_keep_the_gradient_mass():
   np.testing.assert_allclose(float(jnp.sum(grad)), float(jnp.sum(cot)),
                              rtol=1e-6)
   assert float(jnp.min(grad)) >= 0.0
+
+
+def test_head_blocks_drops_res5_blocks_after_the_first():
+  # model.head_blocks=1: res5 keeps only its first (strided) block. With
+  # zero_init_residual the full head's second block starts as the identity
+  # (its last norm scale is 0 and its input is post-ReLU), so at init the
+  # one-block head on the same first-block weights gives the same map.
+  rois = jax.random.normal(jax.random.PRNGKey(2), (3, 14, 14, 32))
+  full = resnet.ResNetHead(depth=18, width=8, zero_init_residual=True,
+                           train_bn=True, pool=False)
+  short = resnet.ResNetHead(depth=18, width=8, zero_init_residual=True,
+                            train_bn=True, pool=False, blocks=1)
+  vf = full.init(jax.random.PRNGKey(3), rois)
+  vs = short.init(jax.random.PRNGKey(3), rois)
+  assert sorted(vf["params"]) == ["layer4_0", "layer4_1"]
+  assert sorted(vs["params"]) == ["layer4_0"]
+  vs = {"params": {"layer4_0": vf["params"]["layer4_0"]}}
+  a, b = full.apply(vf, rois), short.apply(vs, rois)
+  assert a.shape == b.shape == (3, 7, 7, 64)
+  np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6,
+                             atol=1e-6)
+  assert float(jnp.abs(a).max()) > 0

@@ -57,6 +57,10 @@ def default_model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
   c.zero_init_residual = False  # zero-init last BN of each block (scratch)
   c.norm_groups = 0  # 0: frozen BN; > 0: GroupNorm groups (from scratch)
   c.pretrained = ""  # converted ImageNet weights (.npz/.msgpack), see README
+  # Residual blocks in res5 (the per-RoI head); 0 = the depth's own. On the
+  # synthetic default one block cut the step 25 % and mAP 86 -> 76
+  # (bench/results/training.md, "Session 14").
+  c.head_blocks = 0
   c.stride = 16  # of C4: 16, or 8 (res4 unstrided, for small people)
   # conv1 as a 4x4 conv over 2x2 pixel blocks: same numbers, faster on CPU
   # for narrow stems (resnet.StemConv); slower at ResNet-50's 64 channels.
@@ -181,7 +185,8 @@ class PersonSearch(nn.Module):
     self.res5 = resnet.ResNetHead(c.depth, c.width, c.train_bn,
                                   c.zero_init_residual, dtype, c.norm_groups,
                                   pool=False,
-                                  wgrad_im2col_min_channels=im2col)
+                                  wgrad_im2col_min_channels=im2col,
+                                  blocks=c.head_blocks)
     self.predictor = roi_heads.BoxPredictor(c.embedding_dim,
                                             c.embedding_norm, dtype,
                                             self.axis_name,
@@ -416,6 +421,9 @@ def create_model(config, axis_name=None) -> PersonSearch:
       ("model.embedding_bn_rois", m.embedding_bn_rois, ("all", "persons"))):
     if value not in allowed:
       raise ValueError(f"config.{field}={value!r}: use one of {allowed}")
+  if not (isinstance(m.head_blocks, int) and m.head_blocks >= 0):
+    raise ValueError(f"config.model.head_blocks={m.head_blocks!r}: use 0 "
+                     "(the depth's own res5) or a positive block count")
   wgrad_im2col_min_channels(m)  # validates
   return PersonSearch(
       ml_collections.FrozenConfigDict(config.model),
@@ -435,7 +443,12 @@ def init_variables(model: PersonSearch, config, rng, pretrained: bool = True):
   params = variables["params"]
   path = config.model.pretrained
   if pretrained and path:
-    params = pretrained_lib.merge(params, pretrained_lib.load(path),
+    weights = pretrained_lib.load(path)
+    if config.model.get("head_blocks", 0) and "res5" in weights:
+      # A shortened res5 takes the file's first blocks; the rest are unused.
+      weights["res5"] = {k: v for k, v in weights["res5"].items()
+                         if k in params["res5"]}
+    params = pretrained_lib.merge(params, weights,
                                   source=f"config.model.pretrained={path}")
     params = jax.tree_util.tree_map(jnp.asarray, params)
   variables["params"] = params

@@ -303,10 +303,10 @@ class Bottleneck(nn.Module):
 
 
 def _stage(x, depth, width, stage, first_stride, train_bn, zero_init_residual,
-           dtype, norm_groups=0, wgrad_im2col_min_channels=0):
+           dtype, norm_groups=0, wgrad_im2col_min_channels=0, blocks=0):
   block_cls = Bottleneck if is_bottleneck(depth) else BasicBlock
   planes = width * 2 ** (stage - 1)
-  for b in range(STAGE_BLOCKS[depth][stage - 1]):
+  for b in range(blocks or STAGE_BLOCKS[depth][stage - 1]):
     strides = first_stride if b == 0 else 1
     # torchvision adds a projection when the stride or channel count changes.
     downsample = b == 0 and (strides != 1 or
@@ -410,6 +410,7 @@ class ResNetHead(nn.Module):
     pool: average-pool to [K, C5] (True) or return the map [K, h/2, w/2, C5]
       (the caller pools; the detection predictor may keep the layout).
     wgrad_im2col_min_channels: see Conv3x3 (0 = never).
+    blocks: residual blocks in res5; 0 = the depth's own (STAGE_BLOCKS).
   """
   depth: int = 50
   width: int = 64
@@ -419,13 +420,14 @@ class ResNetHead(nn.Module):
   norm_groups: int = 0
   pool: bool = True
   wgrad_im2col_min_channels: int = 0
+  blocks: int = 0
 
   @nn.compact
   def __call__(self, x):
     """x: [K, h, w, C4] -> pooled [K, C5] (or [K, h/2, w/2, C5]) float32."""
     x = _stage(x.astype(self.dtype), self.depth, self.width, 4, 2,
                self.train_bn, self.zero_init_residual, self.dtype,
-               self.norm_groups, self.wgrad_im2col_min_channels)
+               self.norm_groups, self.wgrad_im2col_min_channels, self.blocks)
     x = x.astype(jnp.float32)
     return jnp.mean(x, axis=(1, 2)) if self.pool else x
 

@@ -186,7 +186,7 @@ class PersonSearch(nn.Module):
                                   c.zero_init_residual, dtype, c.norm_groups,
                                   pool=False,
                                   wgrad_im2col_min_channels=im2col,
-                                  blocks=c.head_blocks)
+                                  blocks=c.get("head_blocks", 0))
     self.predictor = roi_heads.BoxPredictor(c.embedding_dim,
                                             c.embedding_norm, dtype,
                                             self.axis_name,
@@ -421,8 +421,9 @@ def create_model(config, axis_name=None) -> PersonSearch:
       ("model.embedding_bn_rois", m.embedding_bn_rois, ("all", "persons"))):
     if value not in allowed:
       raise ValueError(f"config.{field}={value!r}: use one of {allowed}")
-  if not (isinstance(m.head_blocks, int) and m.head_blocks >= 0):
-    raise ValueError(f"config.model.head_blocks={m.head_blocks!r}: use 0 "
+  head_blocks = m.get("head_blocks", 0)  # absent in older config.json
+  if not (isinstance(head_blocks, int) and head_blocks >= 0):
+    raise ValueError(f"config.model.head_blocks={head_blocks!r}: use 0 "
                      "(the depth's own res5) or a positive block count")
   wgrad_im2col_min_channels(m)  # validates
   return PersonSearch(

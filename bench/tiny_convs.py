@@ -19,8 +19,10 @@ Parts:
           weight gradient (wgrad) as XLA compiles them, with GFLOP and
           TFLOP/s; and the formulations tried instead: wgrad as one im2col
           matmul, wgrad as nine per-tap matmuls, forward as one im2col matmul,
-          forward in NCHW layout. Each alternative is checked against XLA's
-          result before it is timed.
+          forward in NCHW layout; on the stride-1 layers Winograd F(2x2)
+          and F(4x4) (bench/winograd_conv.py) forward, and forward + both
+          gradients. Each alternative is checked against XLA's result
+          before it is timed.
 Medians over --iters calls. Writes bench/results/tiny_convs.{json,md}.
 """
 
@@ -51,6 +53,7 @@ from oim_jax import host_info  # pylint: disable=g-import-not-at-top,wrong-impor
 from oim_jax.models import person_search as ps  # pylint: disable=g-import-not-at-top,wrong-import-position
 from oim_jax.ops import conv as oconv  # pylint: disable=g-import-not-at-top,wrong-import-position
 import suite_jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import winograd_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 HEIGHT, WIDTH, BATCH = 288, 480, 4
 # (name, input [N, H, W, Cin], Cout, stride, count in the model) of the
@@ -177,8 +180,22 @@ def layers_part(iters):
                          iters),
            "dgrad_ms": _ms(dgrad, (x, k, g), iters),
            "wgrad_ms": _ms(wgrad, (x, k, g), iters)}
+    if stride == 1:
+      # Winograd (bench/winograd_conv.py): forward, and forward + both
+      # gradients (plain autodiff) against XLA's forward + both gradients.
+      both = lambda f: (lambda x, k, g: jax.vjp(f, x, k)[1](g))
+      xla_both = both(lambda x, k: oconv.conv3x3(x, k, 1))
+      row["fwd_bwd_ms"] = _ms(xla_both, (x, k, g), iters)
+      want_both = xla_both(x, k, g)
+      for m in winograd_conv.TILE_SIZES:
+        f = lambda x, k, m=m: winograd_conv.conv3x3_winograd(x, k, m)
+        alternatives[f"winograd{m}_fwd"] = (f, (x, k), y)
+        alternatives[f"winograd{m}_fwd_bwd"] = (both(f), (x, k, g), want_both)
     for alt, (fn, args, want) in alternatives.items():
-      _check(f"{name} {alt}", jax.jit(fn)(*args), want)
+      got = jax.jit(fn)(*args)
+      for i, (a, b) in enumerate(zip(jax.tree.leaves(got),
+                                     jax.tree.leaves(want))):
+        _check(f"{name} {alt} [{i}]", a, b)
       row[alt + "_ms"] = _ms(fn, args, iters)
     rows.append(row)
     print(json.dumps(row), flush=True)
@@ -222,7 +239,20 @@ def markdown(res, command, when):
     lines += ["", f"Sum over the model's layers (x count): forward "
               f"{tot['fwd']:.1f} ms, dgrad {tot['dgrad']:.1f} ms, wgrad "
               f"{tot['wgrad']:.1f} ms (the 7x7 stem, 1x1 shortcuts and the "
-              "RPN's 1x1s not included)."]
+              "RPN's 1x1s not included).", "",
+              "Winograd F(2x2, 3x3) and F(4x4, 3x3) (bench/winograd_conv.py, "
+              "plain autodiff) on the stride-1 layers, ms: forward, and "
+              "forward + both gradients (one vjp) against XLA's.", "",
+              "| layer | x | XLA fwd | F(2x2) fwd | F(4x4) fwd | XLA fwd+bwd "
+              "| F(2x2) fwd+bwd | F(4x4) fwd+bwd |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in res["layers"]:
+      if "fwd_bwd_ms" in r:
+        lines.append(
+            f"| {r['layer']} | {r['count']} | {r['fwd_ms']:.2f} | "
+            f"{r['winograd2_fwd_ms']:.2f} | {r['winograd4_fwd_ms']:.2f} | "
+            f"{r['fwd_bwd_ms']:.2f} | {r['winograd2_fwd_bwd_ms']:.2f} | "
+            f"{r['winograd4_fwd_bwd_ms']:.2f} |")
   return "\n".join(lines) + "\n"
 
 

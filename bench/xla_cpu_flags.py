@@ -14,6 +14,8 @@ round by round so that the VM's drift hits them alike. Variants:
                 what train.py / eval.py / search.py set (oim_jax/xla_flags.py)
   no_ynn        --xla_cpu_experimental_ynn_fusion_type= : no YNNPACK at all
   no_ynn_dot    ...=-individual_dot: YNNPACK for all but dots
+  no_ynn_conv_dot ...=-individual_convolution,-individual_dot: XLA's own
+                convolutions and dots, YNNPACK for the rest
 
 Measures the synthetic config's train step and detect+embed (288x480,
 batch 4) and, with --resnet50, ResNet-50 at 900x1500, batch 1. Writes
@@ -42,6 +44,10 @@ VARIANTS = {
     "no_ynn_conv": xla_flags.NO_YNN_CONV,
     "no_ynn": xla_flags.FLAG + "=",
     "no_ynn_dot": xla_flags.FLAG + "=-individual_dot",
+    "no_ynn_conv_dot": xla_flags.FLAG + "=-individual_convolution,-individual_dot",
+    "no_ynn_conv_dot_fused_dot": xla_flags.FLAG + "=-individual_convolution,-individual_dot,-dot",
+    "no_ynn_conv_dot_reduce": xla_flags.FLAG + "=-individual_convolution,-individual_dot,-reduce",
+    "no_ynn_conv_dot_eltwise": xla_flags.FLAG + "=-individual_convolution,-individual_dot,-eltwise",
 }
 TINY = ["--preset", "tiny", "--height", "288", "--width", "480", "--batch",
         "4", "--dtype", "float32"]

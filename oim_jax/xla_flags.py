@@ -1,17 +1,22 @@
 """XLA:CPU flags that train.py, eval.py and search.py set before JAX starts.
 
-jaxlib 0.10-0.11 hands CPU convolutions to YNNPACK by default. For this
-project's layers XLA's own convolutions are faster, on the AVX2-only VM
-(session 12, A/B in alternating processes, bench/results/xla_cpu_flags.md):
-synthetic train step 0.407 -> 0.303 s, its inference 0.75 -> 0.55 s,
-ResNet-50 train step at 900x1500 12.54 -> 11.78 s, inference 6.88 -> 6.54 s.
-Dots, reductions and elementwise fusions stay with YNNPACK (turning all of
-YNNPACK off was slower than this: 0.323 s).
+jaxlib 0.10-0.11 hands CPU convolutions and dots to YNNPACK by default. For
+this project's layers XLA's own are faster, on the AVX2-only VM (A/B in
+alternating processes, `python bench/xla_cpu_flags.py`):
+- convolutions (session 12): synthetic train step 0.407 -> 0.303 s, its
+  inference 0.75 -> 0.55 s, ResNet-50 train step at 900x1500 12.54 ->
+  11.78 s, inference 6.88 -> 6.54 s;
+- then also the unfused dots (session 15): synthetic train step faster in
+  5 of 5 paired rounds, median 0.374 -> 0.345 s (-8 %; -2 to -18 % per
+  round), inference unchanged within noise. Eigen's [512, 128] @ [128, 128]
+  matmul runs at 0.16 TFLOP/s here, YNNPACK's at 0.11.
+Fused dots, reductions and elementwise fusions stay with YNNPACK (turning
+all of YNNPACK off, or also its fused dots, was slower).
 
 Only the flag's YNNPACK fusion list changes, so the model computes the same
-convolutions in a different kernel (float rounding differs, as between CPU
-kinds). A user's XLA_FLAGS that already set the flag win; OIM_JAX_YNN_CONV=1
-keeps YNNPACK convolutions. Other jaxlib versions get no flag (XLA aborts on
+convolutions and matmuls in other kernels (float rounding differs, as
+between CPU kinds). A user's XLA_FLAGS that already set the flag win; OIM_JAX_YNN_CONV=1
+keeps YNNPACK's convolutions and dots. Other jaxlib versions get no flag (XLA aborts on
 a flag it does not know). GPU and TPU backends ignore it.
 """
 
@@ -22,7 +27,9 @@ import os
 
 ENV_VAR = "OIM_JAX_YNN_CONV"
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-NO_YNN_CONV = FLAG + "=-individual_convolution"
+NO_YNN_CONV = FLAG + "=-individual_convolution"  # sessions 12-14
+# What the entry points set: XLA's own convolutions and unfused dots.
+NO_YNN_CONV_DOT = FLAG + "=-individual_convolution,-individual_dot"
 # jaxlib versions known to have the flag (measured: 0.10.2; 0.11 has it too).
 _TESTED = ((0, 10), (0, 12))
 
@@ -44,7 +51,8 @@ def cpu_flags(xla_flags: str, jaxlib_version: str,
   Args:
     xla_flags: the current XLA_FLAGS ("" if unset).
     jaxlib_version: e.g. "0.10.2".
-    keep_ynn_conv: leave YNNPACK's convolutions on (OIM_JAX_YNN_CONV=1).
+    keep_ynn_conv: leave YNNPACK's convolutions and dots on
+        (OIM_JAX_YNN_CONV=1).
   """
   if keep_ynn_conv:
     return xla_flags, f"XLA:CPU convolutions: YNNPACK ({ENV_VAR}=1)"
@@ -54,8 +62,8 @@ def cpu_flags(xla_flags: str, jaxlib_version: str,
   if not low <= _version_tuple(jaxlib_version)[:2] < high:
     return xla_flags, (f"XLA:CPU convolutions: jaxlib {jaxlib_version}'s "
                        "default (flag not set outside jaxlib 0.10-0.11)")
-  new = " ".join(f for f in (xla_flags, NO_YNN_CONV) if f)
-  return new, f"XLA:CPU convolutions: XLA's own ({NO_YNN_CONV})"
+  new = " ".join(f for f in (xla_flags, NO_YNN_CONV_DOT) if f)
+  return new, f"XLA:CPU convolutions and dots: XLA's own ({NO_YNN_CONV_DOT})"
 
 
 def use_fast_cpu_flags() -> str:

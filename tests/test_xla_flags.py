@@ -13,12 +13,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_flag_appended_on_tested_jaxlib():
   new, msg = xla_flags.cpu_flags("", "0.10.2")
-  assert new == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+  assert new == ("--xla_cpu_experimental_ynn_fusion_type="
+                 "-individual_convolution,-individual_dot")
   assert "XLA's own" in msg
   new, _ = xla_flags.cpu_flags("--xla_force_host_platform_device_count=8",
                                "0.11.0")
   assert new.split() == ["--xla_force_host_platform_device_count=8",
-                         xla_flags.NO_YNN_CONV]
+                         xla_flags.NO_YNN_CONV_DOT]
 
 
 def test_users_flag_opt_out_and_other_versions_left_alone():
@@ -28,7 +29,7 @@ def test_users_flag_opt_out_and_other_versions_left_alone():
   for version in ("0.9.0", "0.12.0", "0.6.2", "1.0.0"):
     new, msg = xla_flags.cpu_flags("", version)
     assert new == "" and version in msg
-  assert xla_flags.cpu_flags("", "0.10.2rc1")[0] == xla_flags.NO_YNN_CONV
+  assert xla_flags.cpu_flags("", "0.10.2rc1")[0] == xla_flags.NO_YNN_CONV_DOT
 
 
 def test_use_fast_cpu_flags_sets_the_environment(monkeypatch):
@@ -38,7 +39,7 @@ def test_use_fast_cpu_flags_sets_the_environment(monkeypatch):
   monkeypatch.delenv(xla_flags.ENV_VAR, raising=False)
   xla_flags.use_fast_cpu_flags()
   assert os.environ["XLA_FLAGS"] == ("--xla_dump_to=/tmp/x "
-                                     + xla_flags.NO_YNN_CONV)
+                                     + xla_flags.NO_YNN_CONV_DOT)
   monkeypatch.setenv("XLA_FLAGS", "")
   monkeypatch.setenv(xla_flags.ENV_VAR, "1")
   assert "YNNPACK" in xla_flags.use_fast_cpu_flags()
@@ -57,9 +58,14 @@ f = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
     dimension_numbers=("NHWC", "HWIO", "NHWC")))
 g = jax.jit(jax.grad(lambda k, x: jnp.sum(f(x, k) ** 2)))
 hlo = f.lower(x, k).compile().as_text()
+a = rng.standard_normal((64, 24)).astype(np.float32)
+mm = jax.jit(lambda a, b: a @ b)
+dot_hlo = mm.lower(a, k[0, 0]).compile().as_text()
 print(json.dumps({"y": np.asarray(f(x, k)).tolist(),
                   "dk": np.asarray(g(k, x)).tolist(),
-                  "ynn_conv": "__ynn_fusion" in hlo}))
+                  "mm": np.asarray(mm(a, k[0, 0])).tolist(),
+                  "ynn_conv": "__ynn_fusion" in hlo,
+                  "ynn_dot": "__ynn_fusion" in dot_hlo}))
 """
 
 
@@ -89,15 +95,19 @@ def test_jaxlib_accepts_the_flag_and_convolutions_stay_exact():
   flags, _ = xla_flags.cpu_flags("", jaxlib.__version__)
   out = _run_conv(flags)
   if flags:
-    # The flag does what it says: the convolution left YNNPACK, which
-    # jaxlib's default uses for it.
-    assert not out["ynn_conv"]
-    assert _run_conv("")["ynn_conv"]
+    # The flag does what it says: the convolution and the matmul left
+    # YNNPACK, which jaxlib's default uses for them.
+    assert not out["ynn_conv"] and not out["ynn_dot"]
+    default = _run_conv("")
+    assert default["ynn_conv"] and default["ynn_dot"]
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 9, 11, 24)).astype(np.float32)
   k = rng.standard_normal((3, 3, 24, 16)).astype(np.float32)
   y, xp = _np_conv(x, k)
   np.testing.assert_allclose(out["y"], y, rtol=1e-4, atol=1e-4)
+  a = rng.standard_normal((64, 24)).astype(np.float32)
+  np.testing.assert_allclose(out["mm"], a.astype(np.float64) @ k[0, 0],
+                             rtol=1e-4, atol=1e-4)
   # d/dk sum(y^2) = sum over positions of 2 y * x_shifted.
   dk = np.zeros_like(k, np.float64)
   h, w = x.shape[1:3]

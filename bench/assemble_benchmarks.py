@@ -9,7 +9,7 @@ numbers); this only orders them under one header.
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ("suite", "suite_avx2", "conv3x3", "host_allocator", "xla_cpu_flags", "tiny_convs", "model", "ops", "oim", "evaluation", "pipeline",
+ORDER = ("suite", "suite_avx2", "conv3x3", "host_allocator", "xla_cpu_flags", "xla_cpu_flags_dots", "tiny_convs", "tiny_convs_winograd", "model", "ops", "oim", "evaluation", "pipeline",
          "dataset_loaders", "synthetic", "training")
 
 HEADER = """# Benchmarks
@@ -48,6 +48,10 @@ flag): train step 12.06 vs 11.80 s (**1.02x**), detect + embed 6.67 vs
 the AVX-512 kind: 0.21 s). Session 12's suite on the AVX2 kind, before the
 flag: 12.44 vs 11.72 s (1.06x), 7.47 vs 5.78 s (1.29x), synthetic 0.405 s.
 The session-10 suite above predates the flag (not rerun on that kind yet).
+Since session 15 the flag also takes unfused dots off YNNPACK
+(`xla_cpu_flags_dots.md`: synthetic train step 0.374 -> 0.361 s, 7 of 9
+paired rounds faster); the suites
+above predate that.
 The machine line of each suite names the ISA (recorded from session 12 on).
 The tiny rows measure today's `configs/synthetic.py` model, whose inference
 includes two refinement passes of the box head and the flip test (16.6

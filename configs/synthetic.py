@@ -106,6 +106,11 @@ Why these choices (measured; numbers in the issue notes and the README):
   (`model.roi.batch_size=24`, `fg_fraction=0.6667`, backgrounds dropped)
   cut ~8 % of the step at mAP 85.5 / 76.3, top-1 87.5 / 80.0 (seeds 0 /
   1; default 86.2 / 82.5, 90.0 / 83.8), not adopted.
+- Session 15 (AVX2 kind, matmul peak 0.136): train.py also takes unfused
+  dots off YNNPACK (oim_jax/xla_flags.py; step 0.374 -> 0.361 s, 7 of 9
+  paired rounds faster). Seed 0: 32:49 wall at 0.39 s/step, mAP 53.8 / 71.4 / 77.5 /
+  82.5, top-1 85.0, det AP 95.1, recall 95.8. Winograd 3x3 convs
+  (bench/winograd_conv.py) do not pay on this CPU.
 
   python train.py --config=configs/synthetic.py --workdir=runs/demo
   python train.py --config=configs/synthetic.py:long --workdir=runs/long

@@ -11,11 +11,14 @@ round by round so that the VM's drift hits them alike. Variants:
   ynn_default   XLA_FLAGS unset: jaxlib 0.10's default, YNNPACK for dots,
                 convolutions, reductions, elementwise fusions
   no_ynn_conv   --xla_cpu_experimental_ynn_fusion_type=-individual_convolution:
-                what train.py / eval.py / search.py set (oim_jax/xla_flags.py)
+                what train.py / eval.py / search.py set in sessions 12-14
   no_ynn        --xla_cpu_experimental_ynn_fusion_type= : no YNNPACK at all
   no_ynn_dot    ...=-individual_dot: YNNPACK for all but dots
   no_ynn_conv_dot ...=-individual_convolution,-individual_dot: XLA's own
-                convolutions and dots, YNNPACK for the rest
+                convolutions and unfused dots, YNNPACK for the rest; what
+                the entry points set since session 15 (oim_jax/xla_flags.py)
+  no_ynn_conv_dot_{fused_dot,reduce,eltwise}: that, plus YNNPACK's fused
+                dots / reductions / elementwise fusions off
 
 Measures the synthetic config's train step and detect+embed (288x480,
 batch 4) and, with --resnet50, ResNet-50 at 900x1500, batch 1. Writes
@@ -44,10 +47,10 @@ VARIANTS = {
     "no_ynn_conv": xla_flags.NO_YNN_CONV,
     "no_ynn": xla_flags.FLAG + "=",
     "no_ynn_dot": xla_flags.FLAG + "=-individual_dot",
-    "no_ynn_conv_dot": xla_flags.FLAG + "=-individual_convolution,-individual_dot",
-    "no_ynn_conv_dot_fused_dot": xla_flags.FLAG + "=-individual_convolution,-individual_dot,-dot",
-    "no_ynn_conv_dot_reduce": xla_flags.FLAG + "=-individual_convolution,-individual_dot,-reduce",
-    "no_ynn_conv_dot_eltwise": xla_flags.FLAG + "=-individual_convolution,-individual_dot,-eltwise",
+    "no_ynn_conv_dot": xla_flags.NO_YNN_CONV_DOT,
+    "no_ynn_conv_dot_fused_dot": xla_flags.NO_YNN_CONV_DOT + ",-dot",
+    "no_ynn_conv_dot_reduce": xla_flags.NO_YNN_CONV_DOT + ",-reduce",
+    "no_ynn_conv_dot_eltwise": xla_flags.NO_YNN_CONV_DOT + ",-eltwise",
 }
 TINY = ["--preset", "tiny", "--height", "288", "--width", "480", "--batch",
         "4", "--dtype", "float32"]

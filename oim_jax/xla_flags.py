@@ -9,15 +9,16 @@ alternating processes, `python bench/xla_cpu_flags.py`):
 - then also the unfused dots (session 15): synthetic train step faster in
   7 of 9 paired rounds, median 0.374 -> 0.361 s (paired ratio: median
   0.96, mean 0.94), inference unchanged within noise, ResNet-50 train
-  step 16.0 -> 14.1 s in the one round measured. Eigen's [512, 128] @ [128, 128]
-  matmul runs at 0.16 TFLOP/s here, YNNPACK's at 0.11.
+  step 16.0 -> 14.1 s in the one round measured. Eigen runs a
+  [512, 128] @ [128, 128] matmul at 0.16 TFLOP/s here, YNNPACK at 0.11.
 Fused dots, reductions and elementwise fusions stay with YNNPACK (turning
 all of YNNPACK off, or also its fused dots, was slower).
 
 Only the flag's YNNPACK fusion list changes, so the model computes the same
 convolutions and matmuls in other kernels (float rounding differs, as
-between CPU kinds). A user's XLA_FLAGS that already set the flag win; OIM_JAX_YNN_CONV=1
-keeps YNNPACK's convolutions and dots. Other jaxlib versions get no flag (XLA aborts on
+between CPU kinds). A user's XLA_FLAGS that already set the flag win;
+OIM_JAX_YNN_CONV=1 keeps YNNPACK's convolutions and dots. Other jaxlib
+versions get no flag (XLA aborts on
 a flag it does not know). GPU and TPU backends ignore it.
 """
 

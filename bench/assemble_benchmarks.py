@@ -9,7 +9,7 @@ numbers); this only orders them under one header.
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ("suite", "suite_avx2", "conv3x3", "host_allocator", "xla_cpu_flags", "xla_cpu_flags_dots", "tiny_convs", "tiny_convs_winograd", "model", "ops", "oim", "evaluation", "pipeline",
+ORDER = ("suite", "suite_avx2", "suite_avx2_s15", "conv3x3", "host_allocator", "xla_cpu_flags", "xla_cpu_flags_dots", "tiny_convs", "tiny_convs_winograd", "model", "ops", "oim", "evaluation", "pipeline",
          "dataset_loaders", "synthetic", "training")
 
 HEADER = """# Benchmarks
@@ -51,7 +51,12 @@ The session-10 suite above predates the flag (not rerun on that kind yet).
 Since session 15 the flag also takes unfused dots off YNNPACK
 (`xla_cpu_flags_dots.md`: synthetic train step 0.374 -> 0.361 s, 7 of 9
 paired rounds faster); the suites
-above predate that.
+above predate that. `suite_avx2_s15.md` is the suite rerun with it on the
+AVX2 kind (session 15, `--skip breakdown,experiment`): ResNet-50 train step
+JAX/torch **1.02x** (0.98x best runs), detect + embed **1.11x**, the same
+ratios as session 13; that run's matmul peak came out at 0.087 TFLOP/s
+(0.136 earlier the same day on the same VM), so its "fraction of peak"
+columns (over 100 %) are not meaningful: the VM's speed drifted.
 The machine line of each suite names the ISA (recorded from session 12 on).
 The tiny rows measure today's `configs/synthetic.py` model, whose inference
 includes two refinement passes of the box head and the flip test (16.6

@@ -1,7 +1,8 @@
 """Tests for bench/winograd_conv.py (Winograd F(2x2)/F(4x4) 3x3 convolution).
 
 References: the convolution's definition as NumPy loops over the 9 taps,
-in float64, for the output and for both gradients of sum(y * g).
+in float64, for the output and for both gradients of sum(y * g)
+(conftest.np_conv3x3, np_conv3x3_grads).
 """
 
 import os
@@ -16,21 +17,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "bench"))
 import winograd_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-
-def np_conv_and_grads(x, k, g):
-  """y = conv3x3(x, k) (stride 1, padding 1); dL/dx, dL/dk of sum(y * g)."""
-  n, h, w, _ = x.shape
-  xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
-  k, g = k.astype(np.float64), g.astype(np.float64)
-  y = np.zeros((n, h, w, k.shape[-1]))
-  dxp, dk = np.zeros(xp.shape), np.zeros(k.shape)
-  for i in range(3):
-    for j in range(3):
-      tap = xp[:, i:i + h, j:j + w]
-      y += np.einsum("nhwc,cd->nhwd", tap, k[i, j])
-      dk[i, j] = np.einsum("nhwc,nhwd->cd", tap, g)
-      dxp[:, i:i + h, j:j + w] += np.einsum("nhwd,cd->nhwc", g, k[i, j])
-  return y, dxp[:, 1:h + 1, 1:w + 1], dk
+from conftest import np_conv3x3  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conftest import np_conv3x3_grads  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.mark.parametrize("m", winograd_conv.TILE_SIZES)
@@ -41,7 +29,8 @@ def test_winograd_matches_direct_convolution(m, shape):
   x = rng.standard_normal(shape).astype(np.float32)
   k = rng.standard_normal((3, 3, shape[-1], 6)).astype(np.float32)
   g = rng.standard_normal(shape[:3] + (6,)).astype(np.float32)
-  want_y, want_dx, want_dk = np_conv_and_grads(x, k, g)
+  want_y = np_conv3x3(x, k, 1)
+  want_dk, want_dx = np_conv3x3_grads(x, k, g, 1)
   fn = lambda x, k: winograd_conv.conv3x3_winograd(x, k, m)
   y, vjp = jax.vjp(fn, jnp.asarray(x), jnp.asarray(k))
   dx, dk = vjp(jnp.asarray(g))

@@ -8,40 +8,9 @@ import pytest
 from oim_jax import ops
 from oim_jax.ops import conv as conv_lib
 
-
-def _out_size(n, stride):
-  return (n - 1) // stride + 1  # padding 1, kernel 3
-
-
-def np_conv3x3(x, k, stride):
-  """Direct definition: y[n,y,x,d] = sum_{i,j,c} xpad[n,sy+i,sx+j,c] k[i,j,c,d]."""
-  n, h, w, _ = x.shape
-  ho, wo = _out_size(h, stride), _out_size(w, stride)
-  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).astype(np.float64)
-  y = np.zeros((n, ho, wo, k.shape[-1]))
-  for i in range(3):
-    for j in range(3):
-      tap = xp[:, i:i + stride * (ho - 1) + 1:stride,
-               j:j + stride * (wo - 1) + 1:stride]
-      y += np.einsum("nhwc,cd->nhwd", tap, k[i, j].astype(np.float64))
-  return y
-
-
-def np_conv3x3_grads(x, k, g, stride):
-  """Weight and input gradients of sum(conv3x3(x, k) * g), tap by tap."""
-  n, h, w, _ = x.shape
-  ho, wo = g.shape[1:3]
-  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).astype(np.float64)
-  g = g.astype(np.float64)
-  dk = np.zeros(k.shape)
-  dxp = np.zeros(xp.shape)
-  for i in range(3):
-    for j in range(3):
-      rows = slice(i, i + stride * (ho - 1) + 1, stride)
-      cols = slice(j, j + stride * (wo - 1) + 1, stride)
-      dk[i, j] = np.einsum("nhwc,nhwd->cd", xp[:, rows, cols], g)
-      dxp[:, rows, cols] += np.einsum("nhwd,cd->nhwc", g, k[i, j])
-  return dk, dxp[:, 1:h + 1, 1:w + 1]
+from conftest import conv3x3_out_size as _out_size
+from conftest import np_conv3x3
+from conftest import np_conv3x3_grads
 
 
 @pytest.mark.parametrize("shape,stride", [((2, 7, 9, 5), 1),

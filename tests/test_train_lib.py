@@ -209,19 +209,25 @@ def test_sigterm_saves_and_exits_cleanly(tiny_synthetic_root, tmp_path):
   assert 1 <= step < 200  # saved where it stopped, not at a periodic step
 
 
-def test_synthetic_long_variant_only_lengthens_the_schedule():
+@pytest.mark.parametrize("variant,epochs,milestones,every", [
+    ("long", 30, (24,), 1343), ("fast", 15, (12,), 1343)])
+def test_synthetic_variants_only_change_the_schedule(variant, epochs,
+                                                     milestones, every):
   from flax import traverse_util
   module = synthetic_config_module()
   flat = lambda c: traverse_util.flatten_dict(c.to_dict(), sep=".")
   base = flat(module.get_config())
-  long = flat(module.get_config("long"))
-  assert base.keys() == long.keys()
-  changed = {k: (base[k], long[k]) for k in base if base[k] != long[k]}
-  assert changed == {"train.epochs": (24, 30),
-                     "train.lr_milestones": ((19,), (24,)),
-                     "eval.every_steps": (1074, 1343)}
-  with pytest.raises(ValueError, match="long"):
-    module.get_config("short")
+  other = flat(module.get_config(variant))
+  assert base.keys() == other.keys()
+  changed = {k: (base[k], other[k]) for k in base if base[k] != other[k]}
+  assert changed == {"train.epochs": (24, epochs),
+                     "train.lr_milestones": ((19,), milestones),
+                     "eval.every_steps": (1074, every)}
+
+
+def test_synthetic_unknown_variant_names_the_choices():
+  with pytest.raises(ValueError, match="'long'.*'fast'"):
+    synthetic_config_module().get_config("short")
 
 
 def test_update_ema_matches_numpy_reference():

@@ -111,9 +111,10 @@ Why these choices (measured; numbers in the issue notes and the README):
   paired rounds faster). Seed 0: 32:49 wall at 0.39 s/step, mAP 53.8 / 71.4 / 77.5 /
   82.5, top-1 85.0, det AP 95.1, recall 95.8. Winograd 3x3 convs
   (bench/winograd_conv.py) do not pay on this CPU.
-- Session 16 (AVX2 kind, 0.48 s/step that day): the "fast" variant below,
-  15 epochs, ran 25:32 wall (~21 min at session 15's 0.39 s/step), mAP
-  78.2, top-1 82.5, det AP 93.5, recall 95.1 (seed 0).
+- Session 16 (AVX2 kind, 0.48-0.51 s/step that day): the "fast" variant
+  below, 15 epochs, ran 25:32 / 25:54 wall (~21 min at session 15's 0.39
+  s/step), mAP 78.2 / 73.1, top-1 82.5 / 72.5, det AP 93.5 / 91.8, recall
+  95.1 / 95.0 (seeds 0 / 1).
 
   python train.py --config=configs/synthetic.py --workdir=runs/demo
   python train.py --config=configs/synthetic.py:long --workdir=runs/long

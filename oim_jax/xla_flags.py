@@ -57,13 +57,14 @@ def cpu_flags(xla_flags: str, jaxlib_version: str,
         (OIM_JAX_YNN_CONV=1).
   """
   if keep_ynn_conv:
-    return xla_flags, f"XLA:CPU convolutions: YNNPACK ({ENV_VAR}=1)"
+    return xla_flags, f"XLA:CPU convolutions and dots: YNNPACK ({ENV_VAR}=1)"
   if FLAG in xla_flags:
-    return xla_flags, "XLA:CPU convolutions: as XLA_FLAGS says"
+    return xla_flags, "XLA:CPU convolutions and dots: as XLA_FLAGS says"
   low, high = _TESTED
   if not low <= _version_tuple(jaxlib_version)[:2] < high:
-    return xla_flags, (f"XLA:CPU convolutions: jaxlib {jaxlib_version}'s "
-                       "default (flag not set outside jaxlib 0.10-0.11)")
+    return xla_flags, (f"XLA:CPU convolutions and dots: jaxlib "
+                       f"{jaxlib_version}'s default (flag not set outside "
+                       "jaxlib 0.10-0.11)")
   new = " ".join(f for f in (xla_flags, NO_YNN_CONV_DOT) if f)
   return new, f"XLA:CPU convolutions and dots: XLA's own ({NO_YNN_CONV_DOT})"
 

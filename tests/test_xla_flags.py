@@ -6,6 +6,8 @@ import sys
 
 import numpy as np
 
+from conftest import np_conv3x3
+from conftest import np_conv3x3_grads
 from oim_jax import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,16 +71,6 @@ print(json.dumps({"y": np.asarray(f(x, k)).tolist(),
 """
 
 
-def _np_conv(x, k):
-  n, h, w, _ = x.shape
-  xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
-  y = np.zeros((n, h, w, k.shape[-1]))
-  for i in range(3):
-    for j in range(3):
-      y += np.einsum("nhwc,cd->nhwd", xp[:, i:i + h, j:j + w], k[i, j])
-  return y, xp
-
-
 def _run_conv(flags):
   import json  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
@@ -103,17 +95,13 @@ def test_jaxlib_accepts_the_flag_and_convolutions_stay_exact():
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 9, 11, 24)).astype(np.float32)
   k = rng.standard_normal((3, 3, 24, 16)).astype(np.float32)
-  y, xp = _np_conv(x, k)
+  y = np_conv3x3(x, k, 1)
   np.testing.assert_allclose(out["y"], y, rtol=1e-4, atol=1e-4)
   a = rng.standard_normal((64, 24)).astype(np.float32)
   np.testing.assert_allclose(out["mm"], a.astype(np.float64) @ k[0, 0],
                              rtol=1e-4, atol=1e-4)
-  # d/dk sum(y^2) = sum over positions of 2 y * x_shifted.
-  dk = np.zeros_like(k, np.float64)
-  h, w = x.shape[1:3]
-  for i in range(3):
-    for j in range(3):
-      dk[i, j] = np.einsum("nhwc,nhwd->cd", xp[:, i:i + h, j:j + w], 2 * y)
+  # d/dk sum(y^2) = d/dk sum(y * g) at g = 2 y.
+  dk, _ = np_conv3x3_grads(x, k, 2 * y, 1)
   np.testing.assert_allclose(out["dk"], dk, rtol=1e-4, atol=1e-3)
 
 

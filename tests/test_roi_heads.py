@@ -167,3 +167,107 @@ def test_postprocess():
   np.testing.assert_allclose(scores[:2], [0.9, 0.6], rtol=1e-5)
   np.testing.assert_allclose(boxes[:2], [[0, 0, 10, 20], [30, 30, 50, 60]])
   np.testing.assert_array_equal(boxes[2:], 0)
+
+
+def test_image_without_gt_sampling_losses_and_oim():
+  # No GT at all (all gt_valid False): every valid proposal is background
+  # (torchvision), det reg exactly 0, no labeled / unlabeled RoI for OIM.
+  from oim_jax import oim
+  rng = np.random.default_rng(0)
+  xy = rng.uniform(0, 100, (20, 2))
+  props = np.concatenate([xy, xy + rng.uniform(5, 40, (20, 2))], 1).astype(
+      np.float32)
+  valid = np.arange(20) < 15
+  s = roi_heads.sample_rois(jnp.asarray(props), jnp.asarray(valid),
+                            jnp.zeros((3, 4)), jnp.full((3,), -2, jnp.int32),
+                            jnp.zeros(3, bool), jax.random.PRNGKey(0),
+                            batch_size=16, fg_fraction=0.5)
+  labels = np.asarray(s.labels)
+  # 15 valid proposals, all bg, then one unused slot of min(16, 20 + 3).
+  np.testing.assert_array_equal(labels, [0] * 15 + [-1])
+  assert ({tuple(b) for b in np.asarray(s.boxes[:15]).tolist()} ==
+          {tuple(b) for b in props[valid].tolist()})
+  np.testing.assert_array_equal(s.pids, roi_heads.BACKGROUND_PID)
+  np.testing.assert_array_equal(s.deltas, 0.0)
+
+  logits = rng.normal(size=(16, 2)).astype(np.float32)
+  d = rng.normal(size=(16, 4)).astype(np.float32)
+  c, r = roi_heads.detection_losses(jnp.asarray(logits), jnp.asarray(d), s)
+  lp = logits - np.log(np.exp(logits.astype(np.float64)).sum(1,
+                                                             keepdims=True))
+  np.testing.assert_allclose(c, -lp[:15, 0].mean(), rtol=1e-5)
+  assert float(r) == 0.0
+  g_c, g_d = jax.grad(lambda a, b: sum(roi_heads.detection_losses(a, b, s)),
+                      (0, 1))(jnp.asarray(logits), jnp.asarray(d))
+  assert np.all(np.isfinite(g_c)) and np.all(np.asarray(g_d) == 0.0)
+
+  x = rng.normal(size=(16, 6)).astype(np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  for state in (oim.init_state(4, 3, 6),  # fresh (all-zero) tables
+                oim.OIMState(jnp.asarray(x[:4]), jnp.asarray(x[4:7]),
+                             jnp.int32(1))):
+    for chunk in (None, 2):
+      loss, g = jax.value_and_grad(lambda e: oim.oim_loss(
+          state, e, s.pids, chunk_size=chunk))(jnp.asarray(x))
+      assert float(loss) == 0.0 and np.all(np.asarray(g) == 0.0)
+    for method in ("rounds", "scan"):
+      new = oim.update_state(state, jnp.asarray(x), s.pids,
+                             lut_method=method)
+      for a, b in zip(new, state):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_detection_losses_ignore_non_finite_targets_outside_fg():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(5, 2)).astype(np.float32)
+  d = rng.normal(size=(5, 4)).astype(np.float32)
+  t = rng.normal(size=(5, 4)).astype(np.float32)
+  labels = np.array([1, 0, -1, 1, 0])
+  t[labels != 1, 2:] = -np.inf  # log(0) of an all-zero GT box
+  t[2, 0] = np.nan
+  samples = roi_heads.RoISamples(jnp.zeros((5, 4)), jnp.asarray(labels),
+                                 jnp.asarray(t), jnp.zeros(5, jnp.int32))
+  c, r = roi_heads.detection_losses(jnp.asarray(logits), jnp.asarray(d),
+                                    samples)
+  a = np.abs(d - t)[labels == 1].astype(np.float64)
+  sl1 = np.where(a < 1 / 9, 4.5 * a * a, a - 1 / 18)
+  np.testing.assert_allclose(r, sl1.sum() / 4, rtol=1e-5)
+  assert np.isfinite(float(c))
+  g = jax.grad(lambda b: roi_heads.detection_losses(
+      jnp.asarray(logits), b, samples)[1])(jnp.asarray(d))
+  assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[labels != 1] == 0)
+
+
+def _postprocess(scores=None, logits=None, thresh=0.5):
+  # Four far-apart boxes: NMS suppresses nothing, only the threshold drops.
+  proposals = jnp.array([[0, 0, 10, 20], [30, 0, 40, 20], [60, 0, 70, 20],
+                         [90, 0, 100, 20]], jnp.float32)
+  if logits is None:
+    logits = jnp.zeros((4, 2))
+  _, out_scores, ok = roi_heads.postprocess(
+      proposals, jnp.ones(4, bool), jnp.asarray(logits), jnp.zeros((4, 4)),
+      jnp.array([50, 120]), score_thresh=thresh, nms_thresh=0.5,
+      detections=4, scores=None if scores is None else jnp.asarray(scores))
+  return np.asarray(out_scores)[np.asarray(ok)]
+
+
+def test_postprocess_threshold_is_strict():
+  # torchvision's postprocess_detections keeps score > score_thresh: a score
+  # equal to the threshold is dropped, the next float32 above it is kept.
+  above = np.nextafter(np.float32(0.5), np.float32(1))
+  below = np.nextafter(np.float32(0.5), np.float32(0))
+  scores = np.array([0.5, above, below, 0.9], np.float32)
+  np.testing.assert_array_equal(_postprocess(scores), scores[[3, 1]])
+  thr = np.float32(0.3)  # not exact in binary: the float32 value compares
+  s2 = np.array([thr, np.nextafter(thr, np.float32(1)), 0.1, 0.2], np.float32)
+  np.testing.assert_array_equal(_postprocess(s2, thresh=float(thr)), s2[1:2])
+  # From logits: softmax of equal logits is exactly 0.5 (dropped at 0.5);
+  # a person logit 2^-20 higher gives a float32 score above 0.5 (kept).
+  eps = np.float32(2.0 ** -20)
+  logits = np.array([[0, 0], [0, eps], [1, 1], [0, -eps]], np.float32)
+  z = logits - logits.max(1, keepdims=True)
+  p = (np.exp(z) / np.exp(z).sum(1, keepdims=True))[:, 1]
+  assert p[0] == p[2] == 0.5 and p[1] > 0.5 > p[3]
+  out = _postprocess(logits=logits)
+  assert len(out) == 1 and out[0] > 0.5
+  np.testing.assert_allclose(out, p[1:2], rtol=1e-6)

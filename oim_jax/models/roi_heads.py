@@ -47,9 +47,14 @@ def sample_rois(proposals, proposal_valid, gt_boxes, gt_pids, gt_valid, key,
                               False, bg_iou_lo)
   index, kind = rpn.sample(labels, key, batch_size, fg_fraction)
   boxes = cand[index]
-  gt = gt_boxes[matched[index]]
-  deltas = ops.encode_boxes(gt, boxes, ops.ROI_HEAD_WEIGHTS)
-  deltas = jnp.where((kind == rpn.FG)[:, None], deltas, 0.0)
+  # Non-fg rows may pair a padded all-zero GT (always so in an image without
+  # GT) or an empty box (an unused slot's arbitrary row): encode a unit box
+  # against itself there, so no inf / NaN is ever computed (deltas 0).
+  fg = (kind == rpn.FG)[:, None]
+  unit = jnp.array([0.0, 0.0, 1.0, 1.0], jnp.float32)
+  deltas = ops.encode_boxes(jnp.where(fg, gt_boxes[matched[index]], unit),
+                            jnp.where(fg, boxes, unit), ops.ROI_HEAD_WEIGHTS)
+  deltas = jnp.where(fg, deltas, 0.0)
   pids = jnp.where(kind == rpn.FG, gt_pids[matched[index]], BACKGROUND_PID)
   return RoISamples(boxes, kind, deltas, pids.astype(jnp.int32))
 
@@ -199,17 +204,17 @@ def detection_losses(cls_logits, deltas, samples: RoISamples,
     cls_logits: [K, 2]; deltas: [K, 4]; samples: RoISamples flattened to [K].
   Returns:
     (cls_loss, reg_loss): cross-entropy averaged over used RoIs; smooth-L1
-    summed over person RoIs and divided by the number of used RoIs.
+    summed over person RoIs and divided by the number of used RoIs (exactly 0,
+    zero gradient, without person RoIs, e.g. in an image without GT).
   """
   used = (samples.labels >= 0).astype(jnp.float32)
-  fg = (samples.labels == rpn.FG).astype(jnp.float32)
   n = jnp.maximum(jnp.sum(used), 1.0)
   logp = jax.nn.log_softmax(cls_logits, axis=-1)
   target = jnp.clip(samples.labels, 0, 1)
   ce = -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
   cls = jnp.sum(ce * used) / n
-  reg = jnp.sum(rpn.smooth_l1(deltas - samples.deltas, beta) *
-                fg[:, None]) / n
+  reg = jnp.sum(rpn.masked_smooth_l1(deltas - samples.deltas,
+                                     samples.labels == rpn.FG, beta)) / n
   return cls, reg
 
 
@@ -224,8 +229,8 @@ def postprocess(proposals, proposal_valid, cls_logits, deltas, image_size, *,
                 min_size: float = 1e-2, scores=None):
   """Final detections of one image.
 
-  Decodes the person-class regression on the proposals, clips, drops low
-  scores and tiny boxes, NMS, keeps the best `detections`.
+  Decodes the person-class regression on the proposals, clips, drops scores
+  <= score_thresh and tiny boxes, NMS, keeps the best `detections`.
 
   Args:
     proposals: [P, 4]; proposal_valid: bool [P]; cls_logits: [P, 2];
@@ -239,7 +244,8 @@ def postprocess(proposals, proposal_valid, cls_logits, deltas, image_size, *,
   if scores is None:
     scores = jax.nn.softmax(cls_logits, axis=-1)[:, 1]
   boxes = refine_boxes(proposals, deltas, image_size)
-  valid = (proposal_valid & (scores >= score_thresh) &
+  # Strictly greater, as torchvision's postprocess_detections (score > thresh).
+  valid = (proposal_valid & (scores > score_thresh) &
            ops.small_box_mask(boxes, min_size))
   keep, _ = ops.nms(boxes, scores, nms_thresh, detections, valid=valid)
   ok = keep >= 0

@@ -154,7 +154,8 @@ def rpn_targets(anchors, anchor_valid, gt_boxes, gt_valid, key, *,
     gt_boxes: [G, 4]; gt_valid: bool [G] (padding masked).
     key: PRNG key for the sampling.
   Returns:
-    RPNTargets with labels of the sampled anchors only.
+    RPNTargets with labels of the sampled anchors only; deltas are 0 except
+    at fg anchors. With no valid GT every valid anchor is BG (torchvision).
   """
   iou = ops.box_iou(anchors, gt_boxes)
   labels, matched = match(iou, anchor_valid, gt_valid, fg_iou, bg_iou, True)
@@ -163,7 +164,13 @@ def rpn_targets(anchors, anchor_valid, gt_boxes, gt_valid, key, *,
   # so the scatter has unique indices.
   sampled = jnp.full_like(labels, IGNORE).at[
       jnp.where(kind >= 0, index, labels.shape[0])].set(kind, mode="drop")
-  deltas = ops.encode_boxes(gt_boxes[matched], anchors, ops.RPN_WEIGHTS)
+  # Non-fg anchors may be matched to a padded all-zero GT (always so in an
+  # image without GT): encoding it gives log(0) = -inf. Encode the anchor
+  # against itself there instead (deltas 0), so the targets stay finite.
+  fg = (labels == FG)[:, None]
+  target = jnp.where(fg, gt_boxes[matched], anchors)
+  deltas = jnp.where(fg, ops.encode_boxes(target, anchors, ops.RPN_WEIGHTS),
+                     0.0)
   return RPNTargets(sampled, deltas)
 
 
@@ -182,16 +189,28 @@ def rpn_losses(logits, deltas, targets: RPNTargets, beta: float = 1.0 / 9):
 
   Returns:
     (cls_loss, reg_loss): BCE averaged over sampled anchors; smooth-L1 summed
-    over fg anchors and divided by the number of sampled anchors.
+    over fg anchors and divided by the number of sampled anchors (exactly 0,
+    with zero gradient, when no anchor is fg, e.g. an image without GT).
   """
   labels = targets.labels
   sampled = (labels >= 0).astype(jnp.float32)
-  fg = (labels == FG).astype(jnp.float32)
+  is_fg = labels == FG
   n = jnp.maximum(jnp.sum(sampled), 1.0)
-  bce = optax_sigmoid_bce(logits, fg)
+  bce = optax_sigmoid_bce(logits, is_fg.astype(jnp.float32))
   cls = jnp.sum(bce * sampled) / n
-  reg = jnp.sum(smooth_l1(deltas - targets.deltas, beta) * fg[..., None]) / n
+  reg = jnp.sum(masked_smooth_l1(deltas - targets.deltas, is_fg, beta)) / n
   return cls, reg
+
+
+def masked_smooth_l1(x, mask, beta: float):
+  """smooth_l1(x) where mask ([...] bool, over x [..., 4]), else exactly 0.
+
+  The mask is applied to the input as well as to the output: a non-finite x
+  outside the mask then reaches neither the value (0 * inf = NaN) nor the
+  gradient (the unselected branch's inf * 0 cotangent).
+  """
+  m = mask[..., None]
+  return jnp.where(m, smooth_l1(jnp.where(m, x, 0.0), beta), 0.0)
 
 
 def optax_sigmoid_bce(logits, labels):

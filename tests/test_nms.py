@@ -4,6 +4,7 @@ import functools
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import np_greedy_nms as _np_greedy_nms
 from oim_jax import ops
@@ -119,3 +120,125 @@ def test_more_slots_than_boxes_empty_input_and_traced_threshold():
       np.array([[0, 0, 0], [0, 1, 0]]))
   _check(keep[0], count[0], np.array([0, 2]), 3)
   _check(keep[1], count[1], np.array([0, 1, 2]), 3)
+
+
+# Inputs of many tiles: boxes of one cluster spread over the score order, so
+# that boxes of later tiles are suppressed by boxes kept in earlier ones.
+
+def _tile_suppressions(boxes, scores, valid, thr, block, keep, idxs=None):
+  """Suppressed boxes classified by where their suppressors are.
+
+  Tiles are blocks of `block` in the order nms visits (valid boxes by stable
+  descending score). Returns (cross, within): the number of suppressed valid
+  boxes whose every kept suppressor (same category when idxs is given) lies
+  in an earlier tile / in their own tile.
+  """
+  ok = (np.isfinite(scores) | (scores == np.inf)) & valid
+  order = [i for i in np.argsort(-scores, kind="stable") if ok[i]]
+  tile = np.full(len(boxes), -1)
+  tile[order] = np.arange(len(order)) // block
+  kept = np.zeros(len(boxes), bool)
+  kept[keep] = True
+  iou = np.asarray(ops.box_iou(boxes[keep], boxes))  # [kept, all]
+  if idxs is not None:
+    iou = np.where(idxs[keep][:, None] == idxs[None, :], iou, 0.0)
+  cross = within = 0
+  for j in np.nonzero(ok & ~kept)[0]:
+    sup = tile[keep][iou[:, j] > thr]
+    assert len(sup), "a suppressed box without a suppressor"
+    cross += int(np.all(sup < tile[j]))
+    within += int(np.all(sup == tile[j]))
+  return cross, within
+
+
+def _many_tiles_case(seed, n):
+  rng = np.random.default_rng(seed)
+  boxes = _clustered_boxes(rng, n, 60.0 * np.sqrt(n))
+  scores = rng.uniform(size=n).astype(np.float32)
+  scores[::5] = np.round(scores[::5], 2)  # ties
+  # Invalid entries in every part of the input: -inf scores, and masked
+  # entries that duplicate valid boxes with top scores (if they were not
+  # ignored, they would suppress those boxes).
+  scores[rng.choice(n, n // 10, replace=False)] = -np.inf
+  valid = np.ones(n, bool)
+  masked = rng.choice(n, n // 10, replace=False)
+  valid[masked] = False
+  boxes[masked] = boxes[rng.integers(0, n, len(masked))]
+  scores[masked[::2]] = 1.0
+  return boxes, scores, valid
+
+
+def test_hand_chain_across_tiles():
+  # Box k = [3k, 0, 3k + 10, 10]: IoU(k, k+1) = 70/130 > 0.5, IoU(k, k+2) =
+  # 40/160 < 0.5. Greedy in index order keeps the even boxes: an odd box is
+  # suppressed by its left neighbour (kept), an even box's left neighbour was
+  # itself suppressed. With tiles of 7 both happen across tile boundaries
+  # (6 suppresses 7; suppressed 13 does not suppress 14).
+  n = 100
+  x = 3.0 * np.arange(n)
+  boxes = np.stack([x, 0 * x, x + 10, 0 * x + 10], 1).astype(np.float32)
+  perm = np.random.default_rng(0).permutation(n)
+  scores = (1.0 - np.arange(n) / n).astype(np.float32)
+  # Shuffled input: box perm[k] holds chain box k.
+  shuffled, shuffled_scores = np.empty_like(boxes), np.empty_like(scores)
+  shuffled[perm], shuffled_scores[perm] = boxes, scores
+  expected = perm[0::2]
+  np.testing.assert_array_equal(
+      _np_greedy_nms(shuffled, shuffled_scores, 0.5), expected)
+  for block in (7, 16, 64):
+    keep, count = _nms(shuffled, shuffled_scores, np.ones(n, bool), n, block)
+    _check(keep, count, expected, n)
+    keep, count = _nms(shuffled, shuffled_scores, np.ones(n, bool), 20, block)
+    _check(keep, count, expected, 20)
+
+
+def test_identical_boxes_over_many_tiles():
+  # 1000 copies of one box with tied scores: the first suppresses the rest.
+  boxes = np.tile(np.array([[5, 5, 25, 45]], np.float32), (1000, 1))
+  scores = np.full(1000, 0.5, np.float32)
+  scores[:3] = -np.inf
+  keep, count = _nms(boxes, scores, np.ones(1000, bool), 4, 16)
+  _check(keep, count, np.array([3]), 4)
+
+
+@pytest.mark.parametrize("n,block", [(1000, 16), (1000, 64), (3000, 64),
+                                     (3000, 256)])
+def test_suppression_across_tiles_vs_greedy_reference(n, block):
+  boxes, scores, valid = _many_tiles_case(n + block, n)
+  expected = _np_greedy_nms(boxes, scores, 0.5, valid)
+  cross, within = _tile_suppressions(boxes, scores, valid, 0.5, block,
+                                     expected)
+  num_valid = int((np.isfinite(scores) & valid).sum())
+  # Many tiles, many suppressions that only an earlier tile explains (and
+  # some that only the own tile does).
+  assert num_valid > 4 * block and cross > 20 and within > 0, (cross, within)
+  assert 2 * block < len(expected) < num_valid
+  for max_output in (n, len(expected) // 2 + 3):
+    keep, count = _nms(boxes, scores, valid, max_output, block)
+    _check(keep, count, expected, max_output)
+
+
+def test_batched_nms_across_tiles():
+  rng = np.random.default_rng(5)
+  n, block = 1500, 64
+  boxes, scores, valid = _many_tiles_case(5, n)
+  # Quarter-pixel coordinates: the category offsets are exact in float32,
+  # so the offset boxes have the same IoUs as the per-category reference.
+  boxes = np.round(boxes * 4) / 4
+  idxs = rng.integers(0, 3, n)
+  per_class = []
+  for c in range(3):
+    sel = np.nonzero(idxs == c)[0]
+    per_class.extend(sel[_np_greedy_nms(boxes[sel], scores[sel], 0.4,
+                                        valid[sel])])
+  per_class = np.array(per_class)
+  # Merged by decreasing score, ties in input order (one sort over all).
+  expected = per_class[np.lexsort((per_class, -scores[per_class]))]
+  cross, within = _tile_suppressions(boxes, scores, valid, 0.4, block,
+                                     expected, idxs)
+  assert cross > 20 and within > 0, (cross, within)
+  fn = jax.jit(lambda x, s, c, v, m: ops.batched_nms(
+      x, s, c, 0.4, m, valid=v, block_size=block), static_argnums=4)
+  for max_output in (n, len(expected) // 3):
+    keep, count = fn(boxes, scores, idxs, valid, max_output)
+    _check(keep, count, expected, max_output)

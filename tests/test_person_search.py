@@ -218,6 +218,63 @@ def test_wgrad_im2col_auto_is_512_on_cpu_and_old_configs_get_it():
   assert ps.wgrad_im2col_min_channels(old) == 512
 
 
+@pytest.mark.parametrize("platform,im2col,s2d,method", [
+    (None, 512, True, "gather"),  # the default backend: CPU here
+    ("cpu", 512, True, "gather"),
+    ("tpu", 0, False, "einsum"),
+    ("gpu", 0, False, "gather"),
+    ("cuda", 0, False, "gather"),
+    ("rocm", 0, False, "gather"),
+])
+def test_create_model_resolves_backend_choices_for_the_platform(
+    platform, im2col, s2d, method):
+  config = _config()  # the tiny preset: stem_space_to_depth = True
+  assert config.model.stem_space_to_depth
+  model = ps.create_model(config, platform=platform)
+  assert model.platform == {"cuda": "gpu", "rocm": "gpu"}.get(
+      platform, platform or "cpu")
+  assert model.wgrad_im2col_min_channels == im2col
+  assert model.space_to_depth_stem == s2d
+  assert model.roi_align_method == method
+  # An explicit threshold wins everywhere; space-to-depth only ever on CPU.
+  config.model.wgrad_im2col_min_channels = 16
+  config.model.stem_space_to_depth = False
+  model = ps.create_model(config, axis_name="data", platform=platform)
+  assert model.wgrad_im2col_min_channels == 16
+  assert not model.space_to_depth_stem
+  assert model.axis_name == "data"
+
+
+def test_create_model_rejects_an_unknown_platform():
+  with pytest.raises(ValueError, match="platform='metal'"):
+    ps.create_model(_config(), platform="metal")
+  with pytest.raises(ValueError, match="platform="):
+    ps.wgrad_im2col_min_channels(ps.default_model_config(), platform="xpu")
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_model_trace_does_not_ask_for_the_default_backend(monkeypatch,
+                                                          platform):
+  """The choices are fixed at build time, not looked up while tracing."""
+  config = _config()
+  model = ps.create_model(config, platform=platform)
+  variables = jax.eval_shape(
+      lambda: ps.init_variables(model, config, jax.random.PRNGKey(0)))
+  params, model_state = ps.split_variables(variables)
+  abstract = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+  batch = jax.tree.map(abstract, _batch())
+  state = jax.eval_shape(lambda: oim.init_state(3, 8, 32))
+
+  def fail():
+    raise AssertionError("jax.default_backend() called while tracing")
+  monkeypatch.setattr(jax, "default_backend", fail)
+  grad = jax.grad(lambda p, ms, st, b: ps.loss_fn(
+      model, config, p, st, b, jax.random.PRNGKey(1), model_state=ms)[0])
+  jax.make_jaxpr(grad)(params, model_state, state, batch)
+  jax.make_jaxpr(lambda v, b: ps.detect(model, config, v, b["image"],
+                                        b["image_size"]))(variables, batch)
+
+
 def test_rpn_on_pooled_stride8_map():
   config = _config()
   config.model.stride = 8

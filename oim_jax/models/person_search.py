@@ -2,7 +2,7 @@
 
 Public faces (the train/eval libraries call these):
   default_model_config(preset="resnet50")       -> config.model ConfigDict
-  create_model(config, axis_name=None)           -> PersonSearch
+  create_model(config, axis_name=None, platform=None) -> PersonSearch
   init_variables(model, config, rng, pretrained=True) -> {"params", ...}
   init_params(model, config, rng, pretrained=True) -> params
   trainable_mask(params, config)                 -> pytree of bools
@@ -36,6 +36,7 @@ from oim_jax.data import pipeline
 from oim_jax.models import resnet
 from oim_jax.models import roi_heads
 from oim_jax.models import rpn
+from oim_jax.ops.roi_align import DEFAULT_METHOD as _ROI_ALIGN_METHOD
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -64,13 +65,15 @@ def default_model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
   c.stride = 16  # of C4: 16, or 8 (res4 unstrided, for small people)
   # conv1 as a 4x4 conv over 2x2 pixel blocks: same numbers, faster on CPU
   # for narrow stems (resnet.StemConv); slower at ResNet-50's 64 channels.
+  # Used only when create_model's platform is CPU.
   c.stem_space_to_depth = False
   # 3x3 convs with at least this many input channels compute their weight
   # gradient as one im2col matmul (resnet.Conv3x3; same numbers up to float
   # rounding): on XLA:CPU 2.2x faster for ResNet-50's RPN conv, 1.4-2.1x
-  # for res5's, the ResNet-50 train step 3-10 % faster. -1 = auto: 512 on
-  # CPU (the RPN and res5; narrower layers gain little for the patches'
-  # memory), 0 (never: XLA's own conv gradient) on GPU/TPU.
+  # for res5's, the ResNet-50 train step 3-10 % faster. -1 = auto, for
+  # create_model's platform: 512 on CPU (the RPN and res5; narrower layers
+  # gain little for the patches' memory), 0 (never: XLA's own conv
+  # gradient) on GPU/TPU.
   c.wgrad_im2col_min_channels = -1
   # Anchors (one feature map, stride 16); ratio = h / w as torchvision.
   c.anchor_sizes = (32, 64, 128, 256, 512)
@@ -144,19 +147,59 @@ def default_model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
   return c
 
 
-def wgrad_im2col_min_channels(model_config) -> int:
-  """`model.wgrad_im2col_min_channels` resolved: -1 (auto) -> 512 on CPU, else 0.
+# Target platforms create_model accepts -> the name the choices below use.
+PLATFORMS = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu",
+             "tpu": "tpu"}
 
+
+def resolve_platform(platform=None) -> str:
+  """The target platform, normalised: "cpu" | "gpu" | "tpu".
+
+  Args:
+    platform: "cpu", "gpu", "cuda", "rocm" or "tpu"; None = the default
+      backend of this process (where the model will run unless it is
+      exported or compiled ahead of time for another platform).
+  """
+  if platform is None:
+    # Other accelerator plugins get the GPU choices (what they got when the
+    # choices were made from the default backend at trace time).
+    return PLATFORMS.get(jax.default_backend(), "gpu")
+  name = str(platform).lower()
+  if name not in PLATFORMS:
+    raise ValueError(f"platform={platform!r}: use None (the default backend) "
+                     f"or one of {sorted(PLATFORMS)}")
+  return PLATFORMS[name]
+
+
+def wgrad_im2col_min_channels(model_config, platform=None) -> int:
+  """`model.wgrad_im2col_min_channels` resolved for `platform`.
+
+  -1 (auto) -> 512 on CPU, else 0; an explicit value wins on any platform.
   Configs saved before the field existed (config.json of older runs) get
-  the auto value.
+  the auto value. platform: as `resolve_platform`.
   """
   value = model_config.get("wgrad_im2col_min_channels", -1)
   if value == -1:
-    return 512 if jax.default_backend() == "cpu" else 0
+    return 512 if resolve_platform(platform) == "cpu" else 0
   if value < 0:
     raise ValueError(f"config.model.wgrad_im2col_min_channels={value}: use "
                      "-1 (auto), 0 (never) or a channel count")
   return value
+
+
+def stem_space_to_depth(model_config, platform=None) -> bool:
+  """`model.stem_space_to_depth` on CPU; False elsewhere.
+
+  The space-to-depth conv1 gives the same numbers and is only an XLA:CPU
+  speed trick, so on accelerators the library's strided conv is used.
+  """
+  return (bool(model_config.get("stem_space_to_depth", False))
+          and resolve_platform(platform) == "cpu")
+
+
+def roi_align_method(platform=None) -> str:
+  """RoIAlign formulation for `platform`: "gather" (CPU, GPU), "einsum" (TPU)."""
+  return _ROI_ALIGN_METHOD[resolve_platform(platform)]
 
 
 class PersonSearch(nn.Module):
@@ -166,19 +209,29 @@ class PersonSearch(nn.Module):
     config: frozen `config.model`.
     num_softmax_classes: > 0 adds the softmax-baseline identity classifier
       (config.oim.loss == "softmax") with that many classes.
+    axis_name: data-parallel axis (synchronised BN neck).
+    platform, wgrad_im2col_min_channels, roi_align_method,
+    space_to_depth_stem: the backend-specific choices, resolved for the
+      target platform by `create_model` (the defaults suit any platform).
+      Fixed when the model is built, so that tracing for another platform
+      (export, AOT compilation) does not pick the host's code paths.
   """
   config: Any
   num_softmax_classes: int = 0
-  axis_name: Any = None  # data-parallel axis (synchronised BN neck)
+  axis_name: Any = None
+  platform: str = ""  # "cpu" | "gpu" | "tpu"; informational
+  wgrad_im2col_min_channels: int = 0  # see resnet.Conv3x3 (0 = never)
+  roi_align_method: str = "gather"  # ops.roi_align `method`
+  space_to_depth_stem: bool = False  # conv1 as resnet.StemConv's 4x4 form
 
   def setup(self):
     c = self.config
     dtype = _dtype(c)
     c4 = resnet.stem_channels(c.depth, c.width)
-    im2col = wgrad_im2col_min_channels(c)
+    im2col = self.wgrad_im2col_min_channels
     self.stem = resnet.ResNetStem(c.depth, c.width, c.freeze_at, c.train_bn,
                                   c.zero_init_residual, dtype, c.norm_groups,
-                                  c.stride, c.stem_space_to_depth, im2col)
+                                  c.stride, self.space_to_depth_stem, im2col)
     self.rpn_head = rpn.RPNHead(ops.num_anchors(c.anchor_sizes,
                                                 c.anchor_ratios),
                                 c.rpn.channels or c4, dtype, im2col)
@@ -247,7 +300,8 @@ class PersonSearch(nn.Module):
         c4, jax.lax.stop_gradient(boxes),
         output_size=(c.pool_size, c.pool_size),
         spatial_scale=1.0 / self.config.stride,
-        sampling_ratio=c.sampling_ratio, aligned=c.aligned)
+        sampling_ratio=c.sampling_ratio, aligned=c.aligned,
+        method=self.roi_align_method)
     return self.res5(rois.reshape((-1,) + rois.shape[2:]))
 
   def __call__(self, images, boxes):
@@ -400,14 +454,20 @@ def _dtype(model_config):
   return _DTYPES[model_config.dtype]
 
 
-def create_model(config, axis_name=None) -> PersonSearch:
+def create_model(config, axis_name=None, platform=None) -> PersonSearch:
   """Builds the module from the full config (`config.model`, `config.oim`).
 
   Args:
     config: the full config.
     axis_name: the data-parallel axis the train step runs under (for the
       synchronised BatchNorm neck); None for inference or a plain jit.
+    platform: the platform the model is traced for: "cpu", "gpu", "cuda",
+      "rocm" or "tpu"; None = the default backend. The backend-specific
+      choices (im2col weight gradients, RoIAlign formulation, the
+      space-to-depth stem) are resolved here, once: pass the target when
+      exporting or compiling ahead of time for another platform.
   """
+  target = resolve_platform(platform)
   loss = config.oim.loss
   if loss not in ("oim", "softmax"):
     raise ValueError(f"config.oim.loss={loss!r}: use 'oim' or 'softmax'")
@@ -425,10 +485,13 @@ def create_model(config, axis_name=None) -> PersonSearch:
   if not (isinstance(head_blocks, int) and head_blocks >= 0):
     raise ValueError(f"config.model.head_blocks={head_blocks!r}: use 0 "
                      "(the depth's own res5) or a positive block count")
-  wgrad_im2col_min_channels(m)  # validates
   return PersonSearch(
       ml_collections.FrozenConfigDict(config.model),
-      config.oim.num_labeled if loss == "softmax" else 0, axis_name)
+      config.oim.num_labeled if loss == "softmax" else 0, axis_name,
+      platform=target,
+      wgrad_im2col_min_channels=wgrad_im2col_min_channels(m, target),
+      roi_align_method=roi_align_method(target),
+      space_to_depth_stem=stem_space_to_depth(m, target))
 
 
 def init_variables(model: PersonSearch, config, rng, pretrained: bool = True):

@@ -38,6 +38,13 @@ STAGE_BLOCKS = {
 # torchvision's BatchNorm2d epsilon, used when folding statistics at import.
 BN_EPSILON = 1e-5
 
+# jax.named_scope of the CPU-only code paths (StemConv's space-to-depth form,
+# Conv3x3's im2col weight gradient): they appear in the locations of lowered
+# modules, which is how tests/test_export.py checks that an accelerator
+# export contains neither.
+SPACE_TO_DEPTH_SCOPE = "cpu_space_to_depth_stem"
+IM2COL_WGRAD_SCOPE = "cpu_im2col_wgrad"
+
 # He-normal on fan-out, as torchvision initialises ResNet convolutions.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -121,18 +128,28 @@ class StemConv(nn.Module):
     if not self.space_to_depth:
       return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((3, 3), (3, 3)),
                                           dimension_numbers=dn)
-    n, h, w, _ = x.shape
-    oh, ow = (h + 1) // 2, (w + 1) // 2
-    # Output (i, j) reads padded rows 2i .. 2i+6 = blocks i .. i+3.
-    xp = jnp.pad(x, ((0, 0), (3, 2 * (oh + 3) - h - 3),
-                     (3, 2 * (ow + 3) - w - 3), (0, 0)))
-    blocks = xp.reshape(n, oh + 3, 2, ow + 3, 2, cin).transpose(
-        0, 1, 3, 2, 4, 5).reshape(n, oh + 3, ow + 3, 4 * cin)
-    k = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))  # [8, 8, Cin, C]
-    k = k.reshape(4, 2, 4, 2, cin, self.features).transpose(
-        0, 2, 1, 3, 4, 5).reshape(4, 4, 4 * cin, self.features)
-    return jax.lax.conv_general_dilated(blocks, k, (1, 1), "VALID",
-                                        dimension_numbers=dn)
+    with jax.named_scope(SPACE_TO_DEPTH_SCOPE):
+      return _space_to_depth_conv(x, kernel, dn)
+
+
+def _space_to_depth_conv(x, kernel, dn):
+  """StemConv's 7x7 stride-2 conv as a 4x4 conv over 2x2 pixel blocks.
+
+  x: [N, H, W, Cin], kernel: [7, 7, Cin, Cout] -> [N, ceil(H/2), ceil(W/2), Cout].
+  """
+  n, h, w, cin = x.shape
+  cout = kernel.shape[-1]
+  oh, ow = (h + 1) // 2, (w + 1) // 2
+  # Output (i, j) reads padded rows 2i .. 2i+6 = blocks i .. i+3.
+  xp = jnp.pad(x, ((0, 0), (3, 2 * (oh + 3) - h - 3),
+                   (3, 2 * (ow + 3) - w - 3), (0, 0)))
+  blocks = xp.reshape(n, oh + 3, 2, ow + 3, 2, cin).transpose(
+      0, 1, 3, 2, 4, 5).reshape(n, oh + 3, ow + 3, 4 * cin)
+  k = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))  # [8, 8, Cin, C]
+  k = k.reshape(4, 2, 4, 2, cin, cout).transpose(
+      0, 2, 1, 3, 4, 5).reshape(4, 4, 4 * cin, cout)
+  return jax.lax.conv_general_dilated(blocks, k, (1, 1), "VALID",
+                                      dimension_numbers=dn)
 
 
 class Conv3x3(nn.Module):
@@ -159,7 +176,9 @@ class Conv3x3(nn.Module):
                         (3, 3, cin, self.features), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if 0 < self.wgrad_im2col_min_channels <= cin:
-      y = ops.conv3x3_im2col_wgrad(x, kernel, self.strides)
+      # The scope covers the backward too (as "transpose(jvp(...))").
+      with jax.named_scope(IM2COL_WGRAD_SCOPE):
+        y = ops.conv3x3_im2col_wgrad(x, kernel, self.strides)
     else:
       y = ops.conv3x3(x, kernel, self.strides)
     if self.use_bias:

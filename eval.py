@@ -24,6 +24,7 @@ import jax
 from ml_collections import config_flags
 
 from oim_jax import host_info
+from oim_jax import launch
 from oim_jax import eval_lib
 
 FLAGS = flags.FLAGS
@@ -40,9 +41,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  launch.start(FLAGS.config)  # first: before anything starts JAX's devices
   logging.info(_HOST_MEMORY)
   logging.info(_XLA_FLAGS)
   logging.info(host_info.cpu_summary())
+  logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
+               jax.process_count(), jax.local_devices())
   eval_lib.evaluate(FLAGS.config, FLAGS.workdir, step=FLAGS.checkpoint_step,
                     from_saved=FLAGS.from_saved)
 

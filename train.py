@@ -25,6 +25,7 @@ import jax
 from ml_collections import config_flags
 
 from oim_jax import host_info
+from oim_jax import launch
 from oim_jax import train_lib
 
 FLAGS = flags.FLAGS
@@ -37,6 +38,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  launch.start(FLAGS.config)  # first: before anything starts JAX's devices
   logging.info(_HOST_MEMORY)
   logging.info(_XLA_FLAGS)
   logging.info(host_info.cpu_summary())

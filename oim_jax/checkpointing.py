@@ -5,27 +5,39 @@ Items: "params", "opt_state", "oim" (LUT, queue, pointer) as array pytrees,
 and "meta" (step, seed, input-pipeline position) as JSON. Keeping them apart lets
 evaluation restore the parameters alone. Arrays are saved unreplicated (the
 training state is replicated over devices), so a checkpoint written on one
-device count restores on any other.
+device count restores on any other; restored arrays land directly in the
+sharding the caller asks for (e.g. replicated over the step's mesh), on
+every process of a multi-host run. Workdirs are local paths or URIs such as
+gs://bucket/run (etils.epath; Orbax writes arrays through tensorstore).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from oim_jax import parallel
 
 ARRAY_ITEMS = ("params", "opt_state", "oim")
 EMA_ITEM = "ema"  # optional: saved when config.train.ema_decay > 0
 
 
-def manager(workdir: str, max_to_keep: int = 3,
+def workdir_path(workdir) -> epath.Path:
+  """The workdir as an epath.Path: a URI stays one, a local path is made
+  absolute (Orbax wants absolute directories)."""
+  path = epath.Path(workdir)
+  return path if "://" in str(workdir) else path.resolve()
+
+
+def manager(workdir, max_to_keep: int = 3,
             async_saves: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
   """A CheckpointManager on `workdir/checkpoints`."""
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  directory = workdir_path(workdir) / "checkpoints"
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
       enable_async_checkpointing=async_saves)
@@ -37,22 +49,28 @@ def manager(workdir: str, max_to_keep: int = 3,
 def save(mgr: ocp.CheckpointManager, step: int, items: dict[str, Any],
          meta: dict[str, Any], force: bool = False) -> bool:
   """Saves array items and JSON meta at `step` (asynchronously if enabled)."""
-  args = {k: ocp.args.StandardSave(_to_host(v)) for k, v in items.items()}
+  args = {k: ocp.args.StandardSave(
+      jax.tree.map(parallel.to_host, v)) for k, v in items.items()}
   args["meta"] = ocp.args.JsonSave(meta)
   return mgr.save(step, args=ocp.args.Composite(**args), force=force)
 
 
 def restore(mgr: ocp.CheckpointManager, templates: dict[str, Any],
-            step: Optional[int] = None) -> tuple[int, dict[str, Any],
+            step: Optional[int] = None,
+            sharding: Optional[jax.sharding.Sharding] = None
+            ) -> tuple[int, dict[str, Any],
                                                   dict[str, Any]]:
   """Restores the items named in `templates` (and meta) at `step` or latest.
 
   Args:
     mgr: the manager.
     templates: {item: pytree of arrays (or ShapeDtypeStructs)} giving the
-      structure, shapes and dtypes to restore; restored arrays are host-local
-      numpy-backed and the caller places them on devices.
+      structure, shapes and dtypes to restore.
     step: which step; None = latest.
+    sharding: where every restored array goes, e.g.
+      NamedSharding(mesh, P()) to get the step's replicated state directly
+      (each process reads what its devices hold); None = this process's
+      first CPU device.
 
   Returns:
     (step, {item: pytree}, meta dict).
@@ -65,7 +83,7 @@ def restore(mgr: ocp.CheckpointManager, templates: dict[str, Any],
     raise FileNotFoundError(
         f"No checkpoint for step {step} under {mgr.directory}; available "
         f"steps: {list(mgr.all_steps())}.")
-  args = {k: ocp.args.StandardRestore(_abstract(v))
+  args = {k: ocp.args.StandardRestore(_abstract(v, sharding))
           for k, v in templates.items()}
   args["meta"] = ocp.args.JsonRestore()
   restored = mgr.restore(step, args=ocp.args.Composite(**args))
@@ -75,24 +93,17 @@ def restore(mgr: ocp.CheckpointManager, templates: dict[str, Any],
 
 def has_item(mgr: ocp.CheckpointManager, step: int, item: str) -> bool:
   """Whether the checkpoint at `step` holds `item` (e.g. the optional "ema")."""
-  return os.path.isdir(os.path.join(str(mgr.directory), str(step), item))
+  return (epath.Path(mgr.directory) / str(step) / item).is_dir()
 
 
-def _to_host(tree):
-  """Replicated (possibly multi-host) arrays -> numpy: one copy is the value."""
-  def leaf(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      x = x.addressable_data(0)
-    return np.asarray(jax.device_get(x))
-  return jax.tree.map(leaf, tree)
-
-
-def _abstract(tree):
-  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+def _abstract(tree, sharding=None):
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(
+        jax.local_devices(backend="cpu")[0])
 
   def leaf(x):
     dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
-    return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=cpu)
+    return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=sharding)
   return jax.tree.map(leaf, tree)
 
 

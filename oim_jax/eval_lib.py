@@ -4,6 +4,12 @@ score with the dataset's standard protocol.
 Raw outputs are saved under DIR/eval/ (detections and embeddings keyed by
 image name, query embeddings in protocol order) so that re-scoring, e.g.
 with another gallery size, needs no model run (`from_saved=True`).
+
+Inference runs data-parallel on every device of every process: parameters
+are replicated over the ('data',) mesh, each global batch is split over the
+devices (each process reads its own rows), and detections and embeddings
+are gathered to every process before scoring, so the metrics of a
+multi-process evaluation equal those of one process.
 """
 
 from __future__ import annotations
@@ -15,23 +21,29 @@ import time
 from typing import Any, Optional, Sequence
 
 from absl import logging
+from etils import epath
 import jax
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
 from oim_jax import checkpointing
 from oim_jax import evaluation
+from oim_jax import parallel
 from oim_jax.data.dataset import ImageAnnotation, SearchDataset
 
 RAW_FILE = "raw_outputs.npz"
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str,
-                   step: Optional[int] = None) -> tuple[Any, int]:
+                   step: Optional[int] = None,
+                   mesh: Optional[jax.sharding.Mesh] = None) -> tuple[Any, int]:
   """Restores the model variables alone (works for any training device count).
 
   With config.train.ema_decay > 0 these are the checkpoint's moving average
-  (item "ema"), else its live weights (item "params").
+  (item "ema"), else its live weights (item "params"). They land replicated
+  on `mesh` (default: all devices, `parallel.make_mesh()`), i.e. on the
+  accelerators where there are some.
 
   Returns:
     (variables {"params", and "batch_stats" with the BN neck}, step).
@@ -54,29 +66,78 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
           f"at step {at} under {mgr.directory} has no moving average (it was "
           "trained with ema_decay=0): evaluate its weights with "
           "--config.train.ema_decay=0.")
-  step, items, _ = checkpointing.restore(mgr, {item: abstract}, step)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  step, items, _ = checkpointing.restore(
+      mgr, {item: abstract}, step,
+      sharding=parallel.replicated_sharding(mesh))
   return items[item], step
 
 
-class Inference:
-  """Jit-compiled detection and box embedding over static-shape batches."""
+def eval_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
+  """config.eval.batch_size rounded up to a multiple of the device count
+  (every device gets the same number of images; the last batch is padded)."""
+  b = max(1, int(config.eval.batch_size))
+  return -(-b // num_devices) * num_devices
 
-  def __init__(self, config: ml_collections.ConfigDict, params: Any):
+
+class Inference:
+  """Jit-compiled detection and box embedding over static-shape batches,
+  split over all devices of `mesh` (default: every device of every process).
+
+  Attributes:
+    batch_size: global images per batch (`eval_batch_size`).
+    params: the variables, replicated on the mesh (assigning places them).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Any,
+               mesh: Optional[jax.sharding.Mesh] = None):
     from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
     self.config = config
+    self.mesh = parallel.make_mesh() if mesh is None else mesh
+    self.batch_size = eval_batch_size(config, self.mesh.devices.size)
     self.params = params
     self.options = pipeline.PipelineOptions.from_config(config.data)
     model = person_search.create_model(config)
-    self._detect = jax.jit(lambda p, im, sz: person_search.detect(
-        model, config, p, im, sz))
-    self._embed = jax.jit(lambda p, im, bx, sz: person_search.embed_boxes(
-        model, config, p, im, bx, sz))
+
+    def detect(p, b):
+      out = person_search.detect(model, config, p, b["image"],
+                                 b["image_size"])
+      # The batch's own rows travel with the outputs: the gathered result
+      # says which image each row is, whatever the device order.
+      return dict(out, index=b["index"], scale=b["scale"])
+
+    def embed(p, b):
+      emb = person_search.embed_boxes(model, config, p, b["image"],
+                                      b["boxes"][:, :1], b["image_size"])
+      return {"embeddings": emb, "index": b["index"]}
+
+    self._detect = self._data_parallel(detect)
+    self._embed = self._data_parallel(embed)
+
+  def _data_parallel(self, fn):
+    rows = P(parallel.AXIS)
+    return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), rows),
+                                 out_specs=rows, check_vma=False))
+
+  @property
+  def params(self):
+    return self._params
+
+  @params.setter
+  def params(self, value):
+    self._params = parallel.put_replicated(value, self.mesh, "shard_map")
+
+  def _run(self, fn, batch, keys):
+    """One global batch through `fn`; the outputs of all processes, numpy."""
+    local = {k: batch[k] for k in keys}
+    return parallel.gather_to_host(
+        fn(self.params, parallel.put_batch(local, self.mesh, "shard_map")))
 
   def _batches(self, annotations: Sequence[ImageAnnotation], what: str):
     from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     it = pipeline.EvalIterator(pipeline.AnnotationSource(annotations),
-                               batch_size=self.config.eval.batch_size,
+                               batch_size=self.batch_size,
                                options=self.options)
     return _progress(it, it.num_batches, what)
 
@@ -90,14 +151,14 @@ class Inference:
     detections = {}
     t0 = time.time()
     for batch in self._batches(images, what):
-      out = jax.device_get(self._detect(self.params, batch["image"],
-                                        batch["image_size"]))
-      for i, idx in enumerate(batch["index"]):
+      out = self._run(self._detect, batch,
+                      ("image", "image_size", "index", "scale"))
+      for i, idx in enumerate(out["index"]):
         if idx < 0:
           continue
         keep = out["valid"][i]
         detections[images[idx].name] = (
-            (out["boxes"][i][keep] / batch["scale"][i]).astype(np.float32),
+            (out["boxes"][i][keep] / out["scale"][i]).astype(np.float32),
             out["scores"][i][keep].astype(np.float32),
             out["embeddings"][i][keep].astype(np.float32))
     logging.info("%s: %d images in %.1f s", what, len(images),
@@ -109,12 +170,11 @@ class Inference:
     """Embeds the first box of every image (a query's GT box): [N, D]."""
     out = [None] * len(images)
     for batch in self._batches(images, what):
-      emb = jax.device_get(self._embed(self.params, batch["image"],
-                                       batch["boxes"][:, :1],
-                                       batch["image_size"]))
-      for i, idx in enumerate(batch["index"]):
+      res = self._run(self._embed, batch,
+                      ("image", "image_size", "boxes", "index"))
+      for i, idx in enumerate(res["index"]):
         if idx >= 0:
-          out[idx] = emb[i, 0]
+          out[idx] = res["embeddings"][i, 0]
     return np.stack(out).astype(np.float32)
 
 
@@ -196,13 +256,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   from oim_jax.data import datasets as data_lib  # pylint: disable=g-import-not-at-top
 
-  out_dir = os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
-  raw_path = os.path.join(out_dir, RAW_FILE)
+  out_dir = epath.Path(workdir) / "eval"
+  raw_path = out_dir / RAW_FILE
+  primary = jax.process_index() == 0
+  if primary:
+    out_dir.mkdir(parents=True, exist_ok=True)
   if dataset is None:
     dataset = data_lib.load_dataset(config.data)
   if from_saved:
-    if not os.path.exists(raw_path):
+    if not raw_path.exists():
       raise FileNotFoundError(
           f"{raw_path} does not exist: run eval.py once without --from_saved "
           "to compute the raw outputs.")
@@ -211,7 +273,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     if params is None:
       params, step = restore_params(config, workdir, step)
     detections, query_emb = run_inference(config, params, dataset, inference)
-    evaluation.save_results(raw_path, detections, query_emb)
+    if primary:  # every process holds all results (gathered)
+      evaluation.save_results(raw_path, detections, query_emb)
 
   c = config.eval
   metrics = dict(evaluation.evaluate_search(
@@ -229,9 +292,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   metrics = {k: float(v) for k, v in metrics.items()}
   record = {"dataset": dataset.name, "gallery_size": c.gallery_size,
             "step": step, **metrics}
-  if jax.process_index() == 0:
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-      json.dump(record, f, indent=2)
+  if primary:
+    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))
     table = evaluation.format_table(metrics)
     print(f"{dataset.name} (gallery size {c.gallery_size}, step {step}):\n"
           f"{table}", flush=True)

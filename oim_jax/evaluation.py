@@ -50,9 +50,9 @@ import dataclasses
 import io
 import itertools
 import operator
-import os
 from typing import Mapping, Optional, Sequence
 
+from etils import epath
 import numpy as np
 
 from oim_jax.data.dataset import SearchDataset
@@ -763,10 +763,10 @@ def save_results(path: str, detections: Detections,
     arrays["query_embeddings"] = np.asarray(query_embeddings)
   buf = io.BytesIO()
   np.savez(buf, **arrays)
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(buf.getvalue())
-  os.replace(tmp, path)
+  path = epath.Path(path)  # a local path or a URI (gs://...)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_bytes(buf.getvalue())
+  tmp.replace(path)
 
 
 def load_results(path: str):
@@ -777,7 +777,8 @@ def load_results(path: str):
     None).
   """
   try:
-    data = np.load(path, allow_pickle=False)
+    data = np.load(io.BytesIO(epath.Path(path).read_bytes()),
+                   allow_pickle=False)
   except FileNotFoundError:
     raise FileNotFoundError(
         f"{path}: no saved results; run eval.py to write them.") from None

@@ -7,12 +7,60 @@ EPYC" VMs came as an AVX-512 kind (Zen 4: matmul peak 0.32-0.40 TFLOP/s, the
 synthetic train step ~0.20 s) and an AVX2-only kind (Zen 3: 0.15 TFLOP/s,
 ~0.47 s), under the same model name.
 train.py and eval.py log this line first so that a log says which it was.
+
+`accelerator_backend()` tells, before JAX starts, whether JAX will run on a
+GPU or TPU: the entry points' CPU tuning (host_memory, xla_flags) then does
+nothing.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
+from typing import Callable, Iterable, Optional
+
+# JAX plugins (PyPI distributions) and the device nodes that show their
+# hardware is there: the plugin alone (a GPU image on a CPU host) falls back
+# to the CPU.
+_ACCELERATOR_PLUGINS = (
+    ("tpu", ("libtpu", "libtpu-nightly"), ("/dev/accel0", "/dev/vfio/0")),
+    ("gpu", ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-cuda12-pjrt",
+             "jax-cuda13-pjrt"), ("/dev/nvidia0",)),
+    ("gpu", ("jax-rocm6-plugin", "jax-rocm7-plugin", "jax-rocm60-plugin"),
+     ("/dev/kfd",)),
+)
+
+
+def _installed(name: str) -> bool:
+  try:
+    importlib.metadata.version(name)
+    return True
+  except importlib.metadata.PackageNotFoundError:
+    return False
+
+
+def accelerator_backend(environ=None,
+                        installed: Callable[[str], bool] = _installed,
+                        exists: Callable[[str], bool] = os.path.exists,
+                        plugins: Iterable = _ACCELERATOR_PLUGINS
+                        ) -> Optional[str]:
+  """"tpu" / "gpu" (or $JAX_PLATFORMS' first entry) when JAX will not run on
+  the CPU, else None. Needs no JAX import (call it before JAX starts).
+
+  $JAX_PLATFORMS decides when set; otherwise an installed accelerator plugin
+  whose device node exists.
+  """
+  environ = os.environ if environ is None else environ
+  wanted = environ.get("JAX_PLATFORMS", "").strip().lower()
+  if wanted:
+    first = wanted.split(",")[0].strip()
+    return None if first == "cpu" else first
+  for backend, packages, devices in plugins:
+    if any(installed(p) for p in packages) and any(exists(d)
+                                                    for d in devices):
+      return backend
+  return None
 
 # ISA extensions that change XLA:CPU's speed here, in the order shown.
 _NOTABLE_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni",

@@ -34,6 +34,8 @@ import os
 import platform
 import sys
 
+from oim_jax import host_info
+
 ENV_VAR = "OIM_JAX_MALLOC"
 LEGACY_ENV_VAR = "OIM_JAX_JEMALLOC"  # "0" = system (before mimalloc)
 CHOICES = ("auto", "jemalloc", "mimalloc", "system")
@@ -157,7 +159,8 @@ def use_fast_malloc(argv: list[str] | None = None) -> str:
   """Re-executes this process with jemalloc or mimalloc preloaded.
 
   Call first thing in an entry point: the process is replaced (os.execve),
-  so nothing done before survives. Does nothing when $OIM_JAX_MALLOC is
+  so nothing done before survives. Does nothing where JAX will run on a GPU
+  or TPU (host_info.accelerator_backend), when $OIM_JAX_MALLOC is
   "system" (or $OIM_JAX_JEMALLOC is 0), off Linux, when either allocator is
   already loaded, when LD_PRELOAD names another allocator (tcmalloc, as on
   some TPU VMs), or when neither is installed. Your own MALLOC_CONF /
@@ -175,6 +178,10 @@ def use_fast_malloc(argv: list[str] | None = None) -> str:
     ValueError: a bad $OIM_JAX_MALLOC / $OIM_JAX_JEMALLOC.
   """
   choice = _choice()
+  accelerator = host_info.accelerator_backend()
+  if accelerator:
+    # The host allocator matters for XLA:CPU's step buffers only.
+    return f"host malloc: system default (JAX backend {accelerator})"
   if choice == "system":
     var = ENV_VAR if os.environ.get(ENV_VAR, "").strip() else LEGACY_ENV_VAR
     return f"host malloc: system default ({var}={os.environ[var].strip()})"

@@ -12,17 +12,19 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import signal
 import time
 from typing import Any, Optional
 
 from absl import logging
 from clu import metrics as clu_metrics
+from etils import epath
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from oim_jax import checkpointing
 from oim_jax import oim
@@ -178,11 +180,22 @@ def _global_norm(tree):
 
 
 class _Preemption:
-  """Turns SIGTERM (Cloud TPU preemption, `kill`) into a flag the loop reads."""
+  """Turns SIGTERM (Cloud TPU preemption, `kill`) into a flag the loop reads.
+
+  With several processes `requested` is true on all of them as soon as one
+  was signalled (they must save the same checkpoint together).
+  """
 
   def __init__(self):
-    self.requested = False
+    self._flag = False
     self._previous = None
+
+  @property
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self._flag
+    flags = multihost_utils.process_allgather(np.int32(self._flag))
+    return bool(np.max(flags))
 
   def __enter__(self):
     try:
@@ -193,7 +206,7 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.requested = True
+    self._flag = True
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -201,27 +214,36 @@ class _Preemption:
 
 
 class _History:
-  """Appends metric rows to DIR/history.jsonl (for curves and resumes)."""
+  """Metric rows in DIR/history.jsonl (for curves and resumes).
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "history.jsonl")
+  Local files are appended to; object stores (gs://...) cannot append, so
+  there the whole file is rewritten (it stays small: one row per log line).
+  """
+
+  def __init__(self, workdir):
+    self.path = epath.Path(workdir) / "history.jsonl"
+    self._append = "://" not in str(workdir)
 
   def append(self, row: dict[str, Any]):
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    if self._append:
+      with self.path.open("a") as f:
+        f.write(line)
+    else:
+      self._write(self.read() + [row])
 
   def read(self) -> list[dict[str, Any]]:
-    if not os.path.exists(self.path):
+    if not self.path.exists():
       return []
-    with open(self.path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in self.path.read_text().splitlines()
+            if line.strip()]
+
+  def _write(self, rows):
+    self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
   def truncate_after(self, step: int):
     """Drops rows logged after `step` (they belong to a run that crashed)."""
-    rows = [r for r in self.read() if r.get("step", 0) <= step]
-    with open(self.path, "w") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
+    self._write([r for r in self.read() if r.get("step", 0) <= step])
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -281,13 +303,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
 
-  _check_config(config)
   if config.get("distributed", False):
-    jax.distributed.initialize()
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    # Before any other JAX call (train.py has usually done it already, with
+    # its --coordinator_address flags).
+    parallel.initialize_distributed()
+  _check_config(config)
+  workdir = checkpointing.workdir_path(workdir)
+  primary = jax.process_index() == 0
+  if primary:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   dataset = data_lib.load_dataset(config.data)
   num_labeled = dataset.num_train_ids
@@ -330,7 +355,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     has_ema = checkpointing.has_item(ckpt, latest, checkpointing.EMA_ITEM)
     if use_ema and has_ema:
       templates[checkpointing.EMA_ITEM] = state.ema
-    start_step, items, meta = checkpointing.restore(ckpt, templates, latest)
+    # Straight into the replicated layout of the step's mesh: every process
+    # reads the values for its own devices.
+    start_step, items, meta = checkpointing.restore(
+        ckpt, templates, latest,
+        sharding=parallel.replicated_sharding(mesh))
     params, model_state = person_search.split_variables(items["params"])
     ema = {}
     if use_ema:
@@ -345,7 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        params=params, opt_state=items["opt_state"],
                        oim=items["oim"], model_state=model_state, ema=ema)
     loader.set_state(meta["pipeline"])
-    history.truncate_after(start_step)
+    if primary:
+      history.truncate_after(start_step)
     logging.info("Resumed from step %d (%s).", start_step, ckpt.directory)
   state = parallel.put_replicated(state, mesh, mode)
 
@@ -429,7 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         state.ema if use_ema
         else model_variables(state.params, state.model_state), mode)
     if not inference:
-      inference.append(eval_lib.Inference(config, variables))
+      inference.append(eval_lib.Inference(config, variables, mesh))
     metrics = eval_lib.evaluate(config, workdir, params=variables,
                                 dataset=dataset, step=step_done,
                                 inference=inference[0])
@@ -461,7 +491,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             flush(pending[0], window)
             window = []
         pending = (step, metrics)
-        save_now = (ckpt_every > 0 and step % ckpt_every == 0) or preempt.requested
+        stop = preempt.requested  # read once a step (a collective on pods)
+        save_now = (ckpt_every > 0 and step % ckpt_every == 0) or stop
         if save_now or step == total_steps:
           m = _to_floats(pending[1], mode)
           check_finite(step, m)
@@ -470,10 +501,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           window, pending = [], None
           save(step, force=True)
         if (eval_every > 0 and step % eval_every == 0 and step < total_steps
-            and not preempt.requested):
+            and not stop):
           run_eval(step)
           window_start = time.time()  # keep evaluation out of s/step
-        if preempt.requested:
+        if stop:
           logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.",
                           step)
           ckpt.wait_until_finished()
@@ -488,20 +519,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     result.update(run_eval(step))
   writer.close()
   if jax.process_index() == 0:
-    plot_curves(history.read(), os.path.join(workdir, "curves.png"))
+    plot_curves(history.read(), workdir / "curves.png")
   return result
 
 
 def _to_floats(metrics, mode) -> dict[str, float]:
-  metrics = jax.device_get(parallel.unreplicate(metrics, mode))
-  return {k: float(v) for k, v in metrics.items()}
+  metrics = parallel.unreplicate(metrics, mode)
+  return {k: float(parallel.to_host(v)) for k, v in metrics.items()}
 
 
 def _summary_writer(workdir: str):
   if jax.process_index() != 0:
     return _NullWriter()
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  return SummaryWriter(os.path.join(workdir, "tensorboard"))
+  # tensorboardX writes gs:// itself (with google-cloud-storage installed).
+  return SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
 
 class _NullWriter:
@@ -545,5 +577,6 @@ def plot_curves(rows: list[dict[str, Any]], path: str):
   if axes[1].lines:
     axes[1].legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, dpi=100, format="png")
   plt.close(fig)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
+from oim_jax import host_info
+
 ENV_VAR = "OIM_JAX_YNN_CONV"
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 NO_YNN_CONV = FLAG + "=-individual_convolution"  # sessions 12-14
@@ -70,7 +72,13 @@ def cpu_flags(xla_flags: str, jaxlib_version: str,
 
 
 def use_fast_cpu_flags() -> str:
-  """Sets XLA_FLAGS in os.environ (before JAX starts); returns a log line."""
+  """Sets XLA_FLAGS in os.environ (before JAX starts); returns a log line.
+
+  Nothing is set where JAX will run on a GPU or TPU.
+  """
+  accelerator = host_info.accelerator_backend()
+  if accelerator:
+    return f"XLA:CPU flags: none (JAX backend {accelerator})"
   try:
     version = importlib.metadata.version("jaxlib")
   except importlib.metadata.PackageNotFoundError:

@@ -168,3 +168,29 @@ def tiny_trained_workdir(tiny_synthetic_root, tmp_path_factory):
   config.eval.every_steps = 1  # also mid-training: a 2-point mAP curve
   result = train_lib.train_and_evaluate(config, workdir)
   return workdir, config, result
+
+
+def tiny_cli_flags(root: str) -> list[str]:
+  """`tiny_train_config`'s settings as train.py / eval.py flags."""
+  synthetic = [f"--config.data.synthetic.{k}=" +
+               (f"({','.join(map(str, v))},)" if isinstance(v, tuple)
+                else str(v)) for k, v in TINY_SYNTHETIC.items()]
+  return [
+      "--config=" + os.path.join(os.path.dirname(__file__), "..", "configs",
+                                 "synthetic.py"),
+      f"--config.data.root={root}", "--config.data.min_size=128",
+      "--config.data.max_size=192", "--config.data.num_workers=0",
+      f"--config.oim.num_labeled={TINY_SYNTHETIC['num_train_ids']}",
+      "--config.oim.queue_size=16",
+      "--config.model.rpn.pre_nms_top_n_train=200",
+      "--config.model.rpn.post_nms_top_n_train=50",
+      "--config.model.rpn.pre_nms_top_n_test=100",
+      "--config.model.rpn.post_nms_top_n_test=30",
+      "--config.model.roi.batch_size=16",
+      "--config.model.roi.detections_per_image=8",
+      "--config.model.embedding_dim=16", "--config.train.log_every=1",
+      "--config.train.async_checkpoints=False", "--config.eval.batch_size=4",
+      # The test process's compilation cache, shared with the subprocesses.
+      f"--jax_compilation_cache_dir={_CACHE}",
+      "--jax_persistent_cache_min_compile_time_secs=0.5",
+      *synthetic]

@@ -567,3 +567,25 @@ def test_detection_iou_is_rounded_to_float32_as_published():
   out = evaluation.evaluate_detection(ds, dets)
   assert out == {"ap": 1.0, "recall": 1.0}
   assert ref_detection(ds, dets) == pytest.approx(out)
+
+
+def test_det_thresh_is_inclusive_as_the_reference_evaluation():
+  # The published evaluation keeps det[:, 4] >= det_thresh (psdb.py,
+  # SeqNet eval_func.py), unlike the detector's strict score_thresh: a
+  # score equal to the threshold is kept, the next float32 below dropped.
+  box = lambda *b: np.asarray(b, np.float32)
+  gallery = [_ann("q.jpg", [[0, 0, 40, 80]], [4]),
+             _ann("g.jpg", [[0, 0, 40, 80]], [4])]
+  queries = [Query("q.jpg", "/x/q.jpg", box(0, 0, 40, 80), 4)]
+  ds = SearchDataset("cuhk_sysu", "/x", [], gallery, queries, 0)
+  below = np.nextafter(np.float32(0.5), np.float32(0))
+  for score, found in ((np.float32(0.5), 1.0), (below, 0.0)):
+    dets = {"g.jpg": _det([[0, 0, 40, 80]], [score], _emb(1.0)),
+            "q.jpg": _det([[0, 0, 40, 80]], [0.9], _emb(1.0))}
+    qemb = np.asarray([[1, 0, 0]], np.float32)
+    search = evaluation.evaluate_search(ds, dets, qemb, gallery_size=-1,
+                                        det_thresh=0.5)
+    assert (search["mAP"], search["top1"]) == (found, found), score
+    detection = evaluation.evaluate_detection(ds, dets, det_thresh=0.5)
+    # q.jpg's detection (0.9) is always found: 1 or 2 of the 2 GT boxes.
+    assert detection["recall"] == pytest.approx((1 + found) / 2), score

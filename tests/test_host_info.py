@@ -43,3 +43,42 @@ def test_cpu_summary(tmp_path):
   # Unreadable /proc/cpuinfo: still a line, no exception.
   assert host_info.cpu_summary(str(tmp_path / "missing")).startswith(
       "host CPU: ")
+
+
+def _backend(environ, installed=(), devices=()):
+  return host_info.accelerator_backend(
+      environ, installed=lambda name: name in installed,
+      exists=lambda path: path in devices)
+
+
+def test_accelerator_backend_from_jax_platforms():
+  assert _backend({"JAX_PLATFORMS": "tpu"}) == "tpu"
+  assert _backend({"JAX_PLATFORMS": "cuda,cpu"}) == "cuda"
+  assert _backend({"JAX_PLATFORMS": " CPU "}) is None
+  # $JAX_PLATFORMS wins over what is installed.
+  assert _backend({"JAX_PLATFORMS": "cpu"}, installed={"libtpu"},
+                  devices={"/dev/accel0"}) is None
+
+
+def test_accelerator_backend_needs_plugin_and_device():
+  assert _backend({}) is None
+  assert _backend({}, installed={"libtpu"}, devices={"/dev/accel0"}) == "tpu"
+  assert _backend({}, installed={"libtpu"}, devices={"/dev/vfio/0"}) == "tpu"
+  assert _backend({}, installed={"jax-cuda12-plugin"},
+                  devices={"/dev/nvidia0"}) == "gpu"
+  assert _backend({}, installed={"jax-rocm7-plugin"},
+                  devices={"/dev/kfd"}) == "gpu"
+  # A plugin without its hardware (a GPU image on a CPU VM) runs on the CPU,
+  # as does hardware without a plugin.
+  assert _backend({}, installed={"jax-cuda12-plugin"}) is None
+  assert _backend({}, devices={"/dev/nvidia0", "/dev/accel0"}) is None
+  assert _backend({"JAX_PLATFORMS": ""}, installed={"libtpu"}) is None
+
+
+def test_this_machine_is_a_cpu_host():
+  # The tests' own runs: CPU (the suite sets nothing else).
+  import os  # pylint: disable=g-import-not-at-top
+  if os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0] == "cpu":
+    import jax  # pylint: disable=g-import-not-at-top
+    assert (host_info.accelerator_backend() is None) == (
+        jax.default_backend() == "cpu")

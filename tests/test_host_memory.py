@@ -31,6 +31,13 @@ needs_mimalloc = pytest.mark.skipif(
     _MIMALLOC is None or platform.system() != "Linux",
     reason="no libmimalloc (requirements.txt installs cmeel-mimalloc)")
 
+@pytest.fixture(autouse=True)
+def _cpu_host(monkeypatch):
+  """A CPU host, as here, even where the suite runs on a GPU or TPU machine
+  (those get nothing: tested with $JAX_PLATFORMS set below)."""
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+
+
 # Entry-point prologue as train.py has it, then the fault probe.
 _PROBE = textwrap.dedent("""
     import ctypes, resource, sys
@@ -63,7 +70,7 @@ def _probe(**env_extra):
          if k not in ("LD_PRELOAD", "MALLOC_CONF", "MIMALLOC_PURGE_DELAY",
                       host_memory.ENV_VAR, host_memory.LEGACY_ENV_VAR,
                       "OIM_JAX_MALLOC_REEXEC")}
-  env.update(env_extra)
+  env.update(env_extra, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _PROBE.format(root=_ROOT)],
                        env=env, capture_output=True, text=True, check=True,
                        timeout=60)
@@ -238,3 +245,17 @@ def test_entry_points_choose_the_allocator_before_other_imports(script):
   assert isinstance(first, ast.ImportFrom) and first.module == "oim_jax"
   assert [a.name for a in first.names] == ["host_memory"]
   assert "host_memory.use_fast_malloc()" in ast.unparse(second)
+
+
+@pytest.mark.parametrize("platforms", ["tpu", "cuda,cpu"])
+def test_nothing_done_on_accelerator_hosts(monkeypatch, platforms):
+  # XLA's host allocator matters for XLA:CPU's buffers only.
+  monkeypatch.setenv("JAX_PLATFORMS", platforms)
+  monkeypatch.setenv(host_memory.ENV_VAR, "jemalloc")
+  monkeypatch.delenv("OIM_JAX_MALLOC_REEXEC", raising=False)
+  monkeypatch.setattr(host_memory, "find_jemalloc",
+                      lambda: "/j/libjemalloc.so.2")
+  monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))
+  backend = platforms.split(",")[0]
+  assert host_memory.use_fast_malloc() == (
+      f"host malloc: system default (JAX backend {backend})")

@@ -5,12 +5,20 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import np_conv3x3
 from conftest import np_conv3x3_grads
 from oim_jax import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _cpu_host(monkeypatch):
+  """A CPU host, as here, even where the suite runs on a GPU or TPU machine
+  (those get nothing: tested with $JAX_PLATFORMS set below)."""
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
 
 
 def test_flag_appended_on_tested_jaxlib():
@@ -51,6 +59,7 @@ def test_use_fast_cpu_flags_sets_the_environment(monkeypatch):
 _CONV = """
 import json, sys
 import numpy as np
+import pytest
 import jax, jax.numpy as jnp
 rng = np.random.default_rng(0)
 x = rng.standard_normal((2, 9, 11, 24)).astype(np.float32)
@@ -112,3 +121,15 @@ def test_entry_points_set_the_flag_before_jax():
     flag_at = text.index("xla_flags.use_fast_cpu_flags()")
     assert flag_at < text.index("import jax"), name
     assert "logging.info(_XLA_FLAGS)" in text, name
+
+
+@pytest.mark.parametrize("platforms", ["tpu", "cuda"])
+def test_no_cpu_flags_on_accelerator_hosts(monkeypatch, platforms):
+  monkeypatch.setattr(xla_flags.importlib.metadata, "version",
+                      lambda name: "0.10.2")
+  monkeypatch.setenv("JAX_PLATFORMS", platforms)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  monkeypatch.delenv(xla_flags.ENV_VAR, raising=False)
+  line = xla_flags.use_fast_cpu_flags()
+  assert line == f"XLA:CPU flags: none (JAX backend {platforms})"
+  assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"

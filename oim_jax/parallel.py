@@ -139,7 +139,11 @@ def put_replicated(tree: Any, mesh: Mesh, mode: str) -> Any:
 
   def leaf(x):
     if isinstance(x, jax.Array):
-      if x.sharding.is_equivalent_to(target, x.ndim):
+      # Equivalent is not enough: a single-device array on a 1-device mesh
+      # is equivalent, but jit keys its cache on the sharding itself and
+      # would compile the step again for the NamedSharding it returns.
+      if (isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+          and x.sharding.is_equivalent_to(target, x.ndim)):
         return x
       if multi:
         x = to_host(x)

@@ -150,3 +150,37 @@ def test_checkpoint_from_8_devices_resumes_on_1(tiny_synthetic_root, tmp_path):
   assert np.isfinite(out["loss"])
   mgr = checkpointing.manager(workdir, read_only=True, async_saves=False)
   assert list(mgr.all_steps()) == [1, 2]
+
+
+def test_put_replicated_gives_the_mesh_sharding_jit_returns():
+  # On one device a SingleDeviceSharding is *equivalent* to the mesh's
+  # replicated sharding, but jit caches on the sharding object: keeping it
+  # made the second train step compile again (the bench suite's count).
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from oim_jax import parallel
+
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  target = parallel.replicated_sharding(mesh)
+  x = jnp.arange(6.0).reshape(2, 3)
+  placed = parallel.put_replicated({"x": x, "n": np.ones(3)}, mesh,
+                                   "shard_map")
+  for leaf in jax.tree.leaves(placed):
+    assert isinstance(leaf.sharding, NamedSharding)
+    assert leaf.sharding == target
+  np.testing.assert_array_equal(placed["x"], np.arange(6.0).reshape(2, 3))
+  # Already in the target sharding: kept, not copied.
+  again = parallel.put_replicated(placed, mesh, "shard_map")
+  assert again["x"] is placed["x"]
+  # A jitted function fed what it returns does not retrace.
+  traces = []
+
+  @jax.jit
+  def f(t):
+    traces.append(1)
+    return jax.tree.map(lambda a: a + 1, t)
+
+  out = f(placed)
+  out = f(jax.device_put(out, target))
+  assert len(traces) == 1

@@ -23,6 +23,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from oim_jax import cli
 from oim_jax import host_info
 from oim_jax import launch
 from oim_jax import eval_lib
@@ -52,5 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  jax.config.config_with_absl()
-  app.run(main)
+  cli.run(main)

@@ -22,9 +22,9 @@ _XLA_FLAGS = xla_flags.use_fast_cpu_flags()
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
+from oim_jax import cli
 from oim_jax import host_info
 from oim_jax import eval_lib
 from oim_jax import search_lib
@@ -68,5 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  jax.config.config_with_absl()
-  app.run(main)
+  cli.run(main)

@@ -23,6 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+from oim_jax.data import sources  # pylint: disable=g-import-not-at-top
 from oim_jax.data.dataset import ImageAnnotation  # pylint: disable=g-import-not-at-top
 
 
@@ -90,7 +91,7 @@ def main():
     dec, res, pad = stage_times(anns)
     print(f"single thread per image: decode {dec:.1f} ms, resize to 900x1200 "
           f"{res:.1f} ms, pad to 928x1504 {pad:.1f} ms")
-    source = pipeline.AnnotationSource(anns)
+    source = sources.AnnotationSource(anns)
     for w in [int(v) for v in args.workers.split(",")]:
       opts = pipeline.PipelineOptions(num_workers=w, prefetch_batches=2)
       it = pipeline.TrainIterator(source, batch_size=args.batch_size, seed=0,

@@ -25,7 +25,8 @@ def main():
   p.add_argument("--checkpoint_step", type=int, default=None)
   args = p.parse_args()
   from oim_jax import eval_lib, evaluation, search_lib  # pylint: disable=g-import-not-at-top
-  from oim_jax.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
+  from oim_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from oim_jax.data.dataset import query_annotations  # pylint: disable=g-import-not-at-top
   config = search_lib.config_from_workdir(args.workdir)
   gallery_size = args.gallery_size or config.eval.gallery_size
   ds = datasets.load_dataset(config.data)
@@ -40,7 +41,7 @@ def main():
     oracle[a.name] = (a.boxes.astype(np.float32), np.ones(n, np.float32),
                       emb[k:k + n])
     k += n
-  queries = inference.embed(pipeline.query_annotations(ds.queries),
+  queries = inference.embed(query_annotations(ds.queries),
                             "queries")
   detections = inference.detect(ds.gallery)
   rows = {"own detections": detections, "oracle (GT boxes)": oracle}

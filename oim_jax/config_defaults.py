@@ -23,6 +23,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.flip = True  # random horizontal flip (training)
   c.data.num_workers = 2  # decoding threads; 0 = synchronous
   c.data.skip_unlabeled_only = False  # drop train images with no labeled box
+  c.data.skip_empty = False  # drop train images with no box at all
+  c.data.too_many_gt = "error"  # or "truncate" images with > max_gt boxes
+  c.data.prefetch_batches = 2  # bounded read-ahead of the input pipeline
+  # Non-empty: read images from the array_record files that
+  # `python -m oim_jax.data.prepare --data_dir=...` wrote there (annotations
+  # and evaluation protocols still come from data.root).
+  c.data.tfds_dir = ""
   c.data.synthetic = ml_collections.ConfigDict()  # generator sizes
 
   # Model (backbone, RPN, RoI heads): see oim_jax/models/person_search.py.

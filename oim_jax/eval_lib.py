@@ -30,7 +30,8 @@ import numpy as np
 from oim_jax import checkpointing
 from oim_jax import evaluation
 from oim_jax import parallel
-from oim_jax.data.dataset import ImageAnnotation, SearchDataset
+from oim_jax.data import sources
+from oim_jax.data.dataset import ImageAnnotation, SearchDataset, query_annotations
 
 RAW_FILE = "raw_outputs.npz"
 
@@ -134,15 +135,22 @@ class Inference:
     return parallel.gather_to_host(
         fn(self.params, parallel.put_batch(local, self.mesh, "shard_map")))
 
-  def _batches(self, annotations: Sequence[ImageAnnotation], what: str):
+  def _batches(self, annotations: Sequence[ImageAnnotation], what: str,
+               source: Optional[sources.ImageSource]):
     from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    it = pipeline.EvalIterator(pipeline.AnnotationSource(annotations),
+    if source is None:
+      source = sources.AnnotationSource(annotations)
+    it = pipeline.EvalIterator(source,
                                batch_size=self.batch_size,
                                options=self.options)
     return _progress(it, it.num_batches, what)
 
-  def detect(self, images: Sequence[ImageAnnotation], what: str = "gallery"):
+  def detect(self, images: Sequence[ImageAnnotation], what: str = "gallery",
+             source: Optional[sources.ImageSource] = None):
     """Detects and embeds persons in every image.
+
+    `source` (optional) reads the same images, in the same order, from
+    elsewhere (prepared TFDS records); default: the files of `images`.
 
     Returns:
       {name: (boxes [n, 4], scores [n], embeddings [n, D])}, boxes in the
@@ -150,7 +158,7 @@ class Inference:
     """
     detections = {}
     t0 = time.time()
-    for batch in self._batches(images, what):
+    for batch in self._batches(images, what, source):
       out = self._run(self._detect, batch,
                       ("image", "image_size", "index", "scale"))
       for i, idx in enumerate(out["index"]):
@@ -165,11 +173,14 @@ class Inference:
                  time.time() - t0)
     return detections
 
-  def embed(self, images: Sequence[ImageAnnotation],
-            what: str = "queries") -> np.ndarray:
-    """Embeds the first box of every image (a query's GT box): [N, D]."""
+  def embed(self, images: Sequence[ImageAnnotation], what: str = "queries",
+            source: Optional[sources.ImageSource] = None) -> np.ndarray:
+    """Embeds the first box of every image (a query's GT box): [N, D].
+
+    `source`: as in `detect`.
+    """
     out = [None] * len(images)
-    for batch in self._batches(images, what):
+    for batch in self._batches(images, what, source):
       res = self._run(self._embed, batch,
                       ("image", "image_size", "boxes", "index"))
       for i, idx in enumerate(res["index"]):
@@ -192,13 +203,16 @@ def run_inference(config: ml_collections.ConfigDict, params: Any,
     (detections {name: (boxes[n,4], scores[n], embeddings[n,D])} in original
     image pixels, query_embeddings [num_queries, D]).
   """
-  from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   if inference is None:
     inference = Inference(config, params)
   inference.params = params
-  detections = inference.detect(dataset.gallery, "gallery")
-  query_emb = inference.embed(pipeline.query_annotations(dataset.queries),
-                              "queries")
+  from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  detections = inference.detect(
+      dataset.gallery, "gallery",
+      pipeline.dataset_source(dataset, "gallery", config.data))
+  query_emb = inference.embed(
+      query_annotations(dataset.queries), "queries",
+      pipeline.dataset_source(dataset, "queries", config.data))
   return detections, query_emb
 
 

@@ -326,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   mesh = parallel.make_mesh()
   mode = config.parallelism
   loader = pipeline.TrainIterator(
-      pipeline.source_for(dataset, "train"),
+      pipeline.dataset_source(dataset, "train", config.data),
       batch_size=config.train.batch_size, seed=config.seed,
       options=pipeline.PipelineOptions.from_config(config.data))
   steps_per_epoch = loader.steps_per_epoch

@@ -7,6 +7,7 @@ from PIL import Image
 import pytest
 
 from oim_jax.data import pipeline
+from oim_jax.data import sources
 from oim_jax.data.dataset import ImageAnnotation, Query, SearchDataset
 
 SMALL = dict(min_size=64, max_size=96, max_gt=4)
@@ -75,7 +76,7 @@ def test_example_resize_flip_pad_hand_computed(tmp_path):
   img = _write(path, 50, 100, 0, fmt="PNG")
   boxes = np.array([[10, 5, 30, 45], [0, 0, 100, 50]], np.float32)
   ann = ImageAnnotation("a.png", path, boxes, np.array([3, -1], np.int32))
-  src = pipeline.AnnotationSource([ann])
+  src = sources.AnnotationSource([ann])
   np.testing.assert_array_equal(src.sizes, [[50, 100]])
   canvas = (64, 96)
   # scale = min(64 / 50, 96 / 100) = 0.96 -> 48 x 96.
@@ -223,7 +224,7 @@ def test_hosts_split_each_global_batch(anns):
 
 
 def test_skip_options(anns):
-  src = pipeline.AnnotationSource(anns)
+  src = sources.AnnotationSource(anns)
   all_idx = pipeline.train_indices(src, _opts())
   np.testing.assert_array_equal(all_idx, np.arange(11))
   # s3 has no box; s1 and s8 only unlabeled boxes.
@@ -244,7 +245,7 @@ def test_max_gt_error_and_truncation(anns, tmp_path):
   boxes = np.arange(16, dtype=np.float32).reshape(4, 4)
   ann = ImageAnnotation("t.jpg", path, boxes, np.array([-1, 5, -1, 6],
                                                        np.int32))
-  src = pipeline.AnnotationSource([ann])
+  src = sources.AnnotationSource([ann])
   ex = pipeline.load_example(src, 0, (64, 96), False,
                              _opts(max_gt=3, too_many_gt="truncate"))
   # Labeled boxes kept first (rows 1, 3), then the first unlabeled (row 0),
@@ -299,12 +300,12 @@ def test_errors_name_the_file(anns, tmp_path):
                             np.zeros((0, 4), np.float32),
                             np.zeros((0,), np.int32))
   with pytest.raises(FileNotFoundError, match="gone.jpg"):
-    pipeline.AnnotationSource([missing])
+    sources.AnnotationSource([missing])
   bad = os.path.join(tmp_path, "bad.jpg")
   with open(bad, "wb") as f:
     f.write(b"not an image at all")
   with pytest.raises(ValueError, match="bad.jpg"):
-    pipeline.AnnotationSource([ImageAnnotation("bad.jpg", bad, missing.boxes,
+    sources.AnnotationSource([ImageAnnotation("bad.jpg", bad, missing.boxes,
                                                missing.pids)])
   # Valid header, truncated data: fails while decoding, inside a worker.
   trunc = os.path.join(tmp_path, "trunc.jpg")
@@ -333,3 +334,17 @@ def test_options_from_config():
   with pytest.raises(ValueError, match="too_many_gt"):
     pipeline.PipelineOptions(too_many_gt="drop")
   assert pipeline.global_batch_size(2, num_devices=8) == 16
+
+
+def test_every_pipeline_option_is_a_config_field():
+  # Messages tell users to set config.data.<option>; the locked config must
+  # have each one, and the value must reach PipelineOptions.
+  import dataclasses
+  from oim_jax import config_defaults
+  data = config_defaults.base_config().data
+  for field in dataclasses.fields(pipeline.PipelineOptions):
+    assert field.name in data, field.name
+  data.too_many_gt, data.prefetch_batches, data.skip_empty = "truncate", 5, True
+  opts = pipeline.PipelineOptions.from_config(data)
+  assert (opts.too_many_gt, opts.prefetch_batches, opts.skip_empty) == (
+      "truncate", 5, True)

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from oim_jax.data import pipeline
 from oim_jax.data import tfds_builders
 from oim_jax.data.dataset import ImageAnnotation, Query, SearchDataset
+from oim_jax.data.dataset import query_annotations
 
 
 def _dataset(root):
@@ -55,7 +56,7 @@ def test_build_and_read_back(tmp_path):
   sources = tfds.data_source("cuhk_sysu", data_dir=data_dir,
                              decoders={"image": tfds.decode.SkipDecoding()})
   expected = {"train": ds.train, "gallery": ds.gallery,
-              "queries": pipeline.query_annotations(ds.queries)}
+              "queries": query_annotations(ds.queries)}
   for split, anns in expected.items():
     src = sources[split]
     assert len(src) == len(anns)
@@ -97,7 +98,7 @@ def test_build_and_read_back(tmp_path):
       pipeline.source_for(ds, "train"), batch_size=1, seed=1, options=opts,
       process_index=0, process_count=1)
   train_b = pipeline.TrainIterator(
-      pipeline.TfdsSource("cuhk_sysu", "train", data_dir), batch_size=1,
+      tfds_builders.TfdsSource("cuhk_sysu", "train", data_dir), batch_size=1,
       seed=1, options=opts, process_index=0, process_count=1)
   for _ in range(4):
     x, y = next(train_a), next(train_b)
@@ -111,10 +112,61 @@ def test_errors(tmp_path):
   with pytest.raises(ValueError, match="unknown dataset"):
     tfds_builders.get_builder("market", str(tmp_path))
   with pytest.raises(FileNotFoundError, match="not prepared"):
-    pipeline.TfdsSource("synthetic", "train", str(tmp_path / "empty"))
+    tfds_builders.TfdsSource("synthetic", "train", str(tmp_path / "empty"))
   raw = tmp_path / "raw"
   raw.mkdir()
   ds = _dataset(str(raw))
   os.remove(ds.gallery[1].path)
   with pytest.raises(FileNotFoundError, match="s5.jpg"):
     tfds_builders.prepare("synthetic", str(tmp_path / "d"), dataset=ds)
+
+
+def test_train_and_evaluate_read_tfds_when_configured(tiny_synthetic_root,
+                                                      tmp_path, monkeypatch):
+  # config.data.tfds_dir: every image comes from the array_record files, and
+  # training and evaluation see the same data as from the image files.
+  from conftest import tiny_train_config
+  from oim_jax import train_lib
+  from oim_jax.data import sources
+
+  data_dir = str(tmp_path / "tfds")
+  tfds_builders.prepare("synthetic", data_dir, manual_dir=tiny_synthetic_root)
+  config = tiny_train_config(tiny_synthetic_root, num_steps=2)
+  config.eval.at_end = True
+  from_files = train_lib.train_and_evaluate(config, str(tmp_path / "a"))
+
+  def no_file_reads(self, index):
+    raise AssertionError(f"read {self.annotations[index].path} from disk")
+  monkeypatch.setattr(sources.AnnotationSource, "read", no_file_reads)
+  config.data.tfds_dir = data_dir
+  from_tfds = train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+
+  # Not data: timings and compile counts (the second run hits the cache).
+  machine = ("per_s", "per_step", "step_s", "_time", "seconds", "compil")
+  keys = [k for k in from_files if not any(t in k for t in machine)]
+  assert "loss" in keys and "mAP" in keys and "det_ap" in keys
+  for k in keys:
+    np.testing.assert_allclose(from_tfds[k], from_files[k], rtol=1e-6,
+                               err_msg=k)
+
+
+def test_tfds_dir_prepared_from_other_data_is_refused(tmp_path):
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  ds = _dataset(str(raw))
+  data_dir = str(tmp_path / "tfds")
+  tfds_builders.prepare("cuhk_sysu", data_dir, dataset=ds)
+  config = type("DataConfig", (), {"tfds_dir": data_dir})()
+  other = SearchDataset("cuhk_sysu", str(raw), ds.train[:2], ds.gallery,
+                        ds.queries, num_train_ids=2)
+  with pytest.raises(ValueError, match="holds 3 images.*other data"):
+    pipeline.dataset_source(other, "train", config)
+  renamed = [ImageAnnotation("x.jpg", a.path, a.boxes, a.pids, a.cam_id)
+             for a in ds.gallery]
+  other = SearchDataset("cuhk_sysu", str(raw), ds.train, renamed, ds.queries,
+                        num_train_ids=2)
+  with pytest.raises(ValueError, match="'s4.jpg'.*'x.jpg'"):
+    pipeline.dataset_source(other, "gallery", config)
+  # The matching dataset is read from the records.
+  src = pipeline.dataset_source(ds, "gallery", config)
+  assert isinstance(src, tfds_builders.TfdsSource) and len(src) == 2

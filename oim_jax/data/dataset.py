@@ -115,3 +115,20 @@ class SearchDataset:
       entries.append((a.name, a.boxes[hit[0]].astype(np.float32)
                       if hit.size else None))
     return entries
+
+
+def query_annotations(queries: Sequence[Query]) -> list[ImageAnnotation]:
+  """Queries as one-box ImageAnnotations, to run them through eval_iterator."""
+  return [ImageAnnotation(q.name, q.path,
+                          np.asarray(q.box, np.float32).reshape(1, 4),
+                          np.asarray([q.pid], np.int32), q.cam_id)
+          for q in queries]
+
+
+def split_annotations(dataset: "SearchDataset", split: str) -> list[ImageAnnotation]:
+  """The images of a SearchDataset split; "queries" as one-box images."""
+  if split == "queries":
+    return query_annotations(dataset.queries)
+  if split not in ("train", "gallery"):
+    raise ValueError(f"split must be train, gallery or queries, got {split!r}")
+  return list(getattr(dataset, split))

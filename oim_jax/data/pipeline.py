@@ -45,7 +45,7 @@ import logging
 import math
 import os
 import threading
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional
 
 import grain
 import jax
@@ -53,7 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from oim_jax.data.dataset import ImageAnnotation, Query
+from oim_jax.data.dataset import split_annotations
+from oim_jax.data.sources import AnnotationSource, ImageSource
 
 PAD_PID = -2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -162,114 +163,6 @@ class PipelineOptions:
     if self.min_size <= 0 or self.max_size < self.min_size:
       raise ValueError(f"need 0 < min_size <= max_size, got {self.min_size}, "
                        f"{self.max_size}")
-
-
-# ---------------------------------------------------------------------------
-# Sources: random access to (encoded image, boxes, pids) plus cheap metadata.
-
-
-class ImageSource:
-  """Random access to a split: names, original sizes, boxes, encoded images.
-
-  Attributes:
-    names: [N] image names.
-    sizes: int [N, 2] original (h, w), known without decoding.
-    num_boxes, num_labeled: int [N] box counts (all / pid >= 0).
-  """
-  names: list[str]
-  sizes: np.ndarray
-  num_boxes: np.ndarray
-  num_labeled: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.names)
-
-  def read(self, index: int) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """(encoded image bytes, boxes [n, 4] float32, pids [n] int32)."""
-    raise NotImplementedError
-
-
-def _image_size(path: str) -> tuple[int, int]:
-  try:
-    with Image.open(path) as im:  # Reads the header only.
-      w, h = im.size
-  except FileNotFoundError:
-    raise FileNotFoundError(f"image file not found: {path}") from None
-  except Exception as e:  # PIL raises several types for bad files.
-    raise ValueError(f"cannot read image {path}: {e}") from e
-  return h, w
-
-
-class AnnotationSource(ImageSource):
-  """Reads the image files named by a list of ImageAnnotation."""
-
-  def __init__(self, annotations: Sequence[ImageAnnotation],
-               sizes: Optional[np.ndarray] = None, num_threads: int = 8):
-    """Args: annotations; sizes [N, 2] (h, w) if known, else read headers."""
-    self.annotations = list(annotations)
-    self.names = [a.name for a in self.annotations]
-    if sizes is None:
-      from concurrent import futures  # pylint: disable=g-import-not-at-top
-      with futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
-        sizes = list(pool.map(_image_size, [a.path for a in self.annotations]))
-    self.sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
-    self.num_boxes = np.array([len(a.pids) for a in self.annotations], np.int64)
-    self.num_labeled = np.array(
-        [int(np.sum(np.asarray(a.pids) >= 0)) for a in self.annotations],
-        np.int64)
-
-  def read(self, index):
-    a = self.annotations[index]
-    try:
-      with open(a.path, "rb") as f:
-        data = f.read()
-    except FileNotFoundError:
-      raise FileNotFoundError(
-          f"image file not found: {a.path} (image {a.name!r})") from None
-    return (data, np.asarray(a.boxes, np.float32).reshape(-1, 4),
-            np.asarray(a.pids, np.int32).reshape(-1))
-
-
-def query_annotations(queries: Sequence[Query]) -> list[ImageAnnotation]:
-  """Queries as one-box ImageAnnotations, to run them through eval_iterator."""
-  return [ImageAnnotation(q.name, q.path,
-                          np.asarray(q.box, np.float32).reshape(1, 4),
-                          np.asarray([q.pid], np.int32), q.cam_id)
-          for q in queries]
-
-
-class TfdsSource(ImageSource):
-  """Reads a split of a dataset prepared by oim_jax.data.tfds_builders.
-
-  Random access through `builder.as_data_source` (array_record, no
-  TensorFlow). Image bytes are read undecoded (SkipDecoding) and go through
-  the same decoder as AnnotationSource, so both give identical batches.
-  """
-
-  def __init__(self, name: str, split: str, data_dir: str):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from oim_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
-    builder = tfds_builders.get_builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
-      raise FileNotFoundError(
-          f"TFDS dataset {name!r} is not prepared in {data_dir}: run "
-          f"python -m oim_jax.data.prepare --dataset={name} "
-          f"--manual_dir=<raw dataset root> --data_dir={data_dir}")
-    meta = builder.info.metadata["splits"][split]
-    self.names = list(meta["names"])
-    self.sizes = np.asarray(meta["sizes"], np.int64).reshape(-1, 2)
-    self.num_boxes = np.asarray(meta["num_boxes"], np.int64)
-    self.num_labeled = np.asarray(meta["num_labeled"], np.int64)
-    self._source = builder.as_data_source(
-        split=split, decoders={"image": tfds.decode.SkipDecoding()})
-    if len(self._source) != len(self.names):
-      raise ValueError(f"{name}/{split}: {len(self._source)} records but "
-                       f"metadata lists {len(self.names)} images; rebuild it.")
-
-  def read(self, index):
-    rec = self._source[index]
-    return (rec["image"], np.asarray(rec["boxes"], np.float32).reshape(-1, 4),
-            np.asarray(rec["pids"], np.int32).reshape(-1))
 
 
 # ---------------------------------------------------------------------------
@@ -653,17 +546,58 @@ def global_batch_size(per_device_batch: int,
       per_device_batch
 
 
+def _check_same_images(source: ImageSource, annotations, where: str):
+  """A prepared TFDS split must hold the loader's images, in its order."""
+  names = [a.name for a in annotations]
+  counts = np.array([len(a.pids) for a in annotations], np.int64)
+  if len(source.names) != len(names):
+    raise ValueError(
+        f"{where} holds {len(source.names)} images, the dataset's split "
+        f"{len(names)}: it was prepared from other data. Rebuild it "
+        "(python -m oim_jax.data.prepare) or unset config.data.tfds_dir.")
+  for i, (a, b) in enumerate(zip(source.names, names)):
+    if a != b or source.num_boxes[i] != counts[i]:
+      raise ValueError(
+          f"{where}: image {i} is {a!r} with {source.num_boxes[i]} boxes, the "
+          f"dataset's is {b!r} with {counts[i]}: it was prepared from other "
+          "data. Rebuild it (python -m oim_jax.data.prepare) or unset "
+          "config.data.tfds_dir.")
+
+
 def source_for(dataset, split: str, tfds_name: Optional[str] = None,
                data_dir: Optional[str] = None) -> ImageSource:
   """The split of a SearchDataset (default) or of a prepared TFDS dataset.
 
   Args:
-    dataset: a SearchDataset (used when tfds_name is None).
+    dataset: a SearchDataset. With tfds_name it may be None; else the TFDS
+      split is checked to hold the same images (names, box counts, order).
     split: "train", "gallery" or "queries".
     tfds_name, data_dir: read tfds_builders' array_record data instead.
   """
   if tfds_name:
-    return TfdsSource(tfds_name, split, os.fspath(data_dir))
-  if split == "queries":
-    return AnnotationSource(query_annotations(dataset.queries))
-  return AnnotationSource(getattr(dataset, split))
+    # Imported here: tensorflow_datasets takes seconds to import.
+    from oim_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+    source = tfds_builders.TfdsSource(tfds_name, split, os.fspath(data_dir))
+    if dataset is not None:
+      _check_same_images(source, split_annotations(dataset, split),
+                         f"TFDS {tfds_name}/{split} in {data_dir}")
+    return source
+  return AnnotationSource(split_annotations(dataset, split))
+
+
+def dataset_source(dataset, split: str, data_config: Any) -> ImageSource:
+  """Where `config.data` says a split's images come from.
+
+  config.data.tfds_dir empty: the image files under config.data.root;
+  else the array_record files `python -m oim_jax.data.prepare` wrote there
+  (one sequential file per shard instead of thousands of JPEGs, which pays
+  on network filesystems and gs://). Annotations and evaluation protocols
+  always come from the loader.
+  """
+  tfds_dir = data_config.get("tfds_dir", "") if hasattr(
+      data_config, "get") else getattr(data_config, "tfds_dir", "")
+  if not tfds_dir:
+    return source_for(dataset, split)
+  if "://" not in tfds_dir:
+    tfds_dir = os.path.expanduser(tfds_dir)
+  return source_for(dataset, split, tfds_name=dataset.name, data_dir=tfds_dir)

@@ -7,8 +7,9 @@ Reads the raw dataset with its loader (oim_jax.data.cuhk_sysu / prw), writes
 data_dir/<dataset>/1.0.0/ with train, gallery and queries splits (progress
 bars from tfds), then prints the split sizes. For --dataset=synthetic an
 empty or missing --manual_dir is first filled by the synthetic generator.
-The input pipeline reads the result with
-`pipeline.source_for(None, split, tfds_name=<dataset>, data_dir=<data_dir>)`.
+train.py / eval.py then read the images from there with
+`--config.data.tfds_dir=<data_dir>` (annotations and evaluation protocols
+still from --config.data.root).
 """
 
 import os

@@ -35,6 +35,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from oim_jax.data import dataset as data_lib
+from oim_jax.data import sources
 from oim_jax.data.dataset import ImageAnnotation, SearchDataset
 
 SPLITS = ("train", "gallery", "queries")
@@ -52,9 +54,8 @@ def _features() -> tfds.features.FeaturesDict:
 
 def split_annotations(dataset: SearchDataset) -> dict[str, list]:
   """{split: [ImageAnnotation]} for the three splits of a SearchDataset."""
-  from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return {"train": list(dataset.train), "gallery": list(dataset.gallery),
-          "queries": pipeline.query_annotations(dataset.queries)}
+  return {split: data_lib.split_annotations(dataset, split)
+          for split in SPLITS}
 
 
 class _SearchBuilder(tfds.core.GeneratorBasedBuilder,
@@ -85,7 +86,6 @@ class _SearchBuilder(tfds.core.GeneratorBasedBuilder,
     raise NotImplementedError
 
   def _split_generators(self, dl_manager):
-    from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     dataset = self._search_dataset
     if dataset is None:
       dataset = self._load(os.fspath(dl_manager.manual_dir))
@@ -96,7 +96,7 @@ class _SearchBuilder(tfds.core.GeneratorBasedBuilder,
     for split, anns in splits.items():
       # Reads every image header now: a missing or unreadable file fails here,
       # naming it, before anything is written.
-      src = pipeline.AnnotationSource(anns)
+      src = sources.AnnotationSource(anns)
       meta["splits"][split] = {
           "names": src.names, "sizes": src.sizes.tolist(),
           "num_boxes": src.num_boxes.tolist(),
@@ -171,7 +171,7 @@ class Synthetic(_SearchBuilder):
 
   def _load(self, manual_dir):
     from oim_jax.data import cuhk_sysu  # pylint: disable=g-import-not-at-top
-    return cuhk_sysu.load(manual_dir, name="synthetic")
+    return cuhk_sysu.load(manual_dir, name="synthetic", check_counts=False)
 
 
 # Registered under the snake_case class names, as tfds does by default.
@@ -211,3 +211,35 @@ def prepare(name: str, data_dir: str, manual_dir: Optional[str] = None,
   builder.download_and_prepare(download_config=config,
                                file_format="array_record")
   return builder
+
+
+class TfdsSource(sources.ImageSource):
+  """Reads a split of a dataset prepared by `prepare` (or oim_jax.data.prepare).
+
+  Random access through `builder.as_data_source` (array_record, no
+  TensorFlow). Image bytes are read undecoded (SkipDecoding) and go through
+  the same decoder as AnnotationSource, so both give identical batches.
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str):
+    builder = get_builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+      raise FileNotFoundError(
+          f"TFDS dataset {name!r} is not prepared in {data_dir}: run "
+          f"python -m oim_jax.data.prepare --dataset={name} "
+          f"--manual_dir=<raw dataset root> --data_dir={data_dir}")
+    meta = builder.info.metadata["splits"][split]
+    self.names = list(meta["names"])
+    self.sizes = np.asarray(meta["sizes"], np.int64).reshape(-1, 2)
+    self.num_boxes = np.asarray(meta["num_boxes"], np.int64)
+    self.num_labeled = np.asarray(meta["num_labeled"], np.int64)
+    self._source = builder.as_data_source(
+        split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    if len(self._source) != len(self.names):
+      raise ValueError(f"{name}/{split}: {len(self._source)} records but "
+                       f"metadata lists {len(self.names)} images; rebuild it.")
+
+  def read(self, index):
+    rec = self._source[index]
+    return (rec["image"], np.asarray(rec["boxes"], np.float32).reshape(-1, 4),
+            np.asarray(rec["pids"], np.int32).reshape(-1))

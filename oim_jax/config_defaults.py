@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.lr_gamma = 0.1
   c.train.lr_decay = "step"  # "step" (milestones x lr_gamma) | "cosine"
   # > 0: also keep an exponential moving average of the model variables
-  # (train_lib.update_ema); evaluation then uses the average.
+  # (oim_jax/ema.py); evaluation then uses the average.
   c.train.ema_decay = 0.0
   c.train.log_every = 20
   c.train.checkpoint_every = 1000  # steps; also at the end and on SIGTERM

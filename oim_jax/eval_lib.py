@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from oim_jax import checkpointing
+from oim_jax import ema
 from oim_jax import evaluation
 from oim_jax import parallel
 from oim_jax.data import sources
@@ -49,7 +50,6 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     (variables {"params", and "batch_stats" with the BN neck}, step).
   """
-  from oim_jax import train_lib  # pylint: disable=g-import-not-at-top
   from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
   model = person_search.create_model(config)
   abstract = jax.eval_shape(
@@ -58,7 +58,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
       jax.random.key(0))
   mgr = checkpointing.manager(workdir, read_only=True, async_saves=False)
   item = "params"
-  if train_lib.ema_decay(config) > 0:
+  if ema.decay(config) > 0:
     item = checkpointing.EMA_ITEM
     at = mgr.latest_step() if step is None else step
     if at is not None and not checkpointing.has_item(mgr, at, item):

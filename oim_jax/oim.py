@@ -55,9 +55,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Labels: pid >= 0 labeled identity (LUT row).
-UNLABELED = -1
-IGNORE = -2
+# pid >= 0: LUT row; UNLABELED: to the queue; others (pids.IGNORE): no update.
+from oim_jax.pids import UNLABELED
 
 
 class OIMState(NamedTuple):

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from oim_jax import checkpointing
+from oim_jax import ema as ema_lib
 from oim_jax import oim
 from oim_jax import optim
 from oim_jax import parallel
@@ -67,7 +68,7 @@ def create_train_state(params: Any, tx, config: ml_collections.ConfigDict,
                          embedding_dim),
       model_state=model_state,
       ema=(_copy(model_variables(params, model_state))
-           if ema_decay(config) > 0 else {}))
+           if ema_lib.decay(config) > 0 else {}))
 
 
 def _copy(tree):
@@ -80,33 +81,6 @@ def model_variables(params: Any, model_state: Any) -> dict[str, Any]:
   """{"params": params, **model_state}: what the model applies and
   checkpoints store as the "params" item."""
   return {"params": params, **model_state}
-
-
-def ema_decay(config: ml_collections.ConfigDict) -> float:
-  d = float(config.train.get("ema_decay", 0.0))
-  if not 0.0 <= d < 1.0:
-    raise ValueError(f"config.train.ema_decay={d}: use 0 (off) or a decay in "
-                     "(0, 1), e.g. 0.998")
-  return d
-
-
-def update_ema(ema: Any, variables: Any, step, decay: float) -> Any:
-  """ema <- d * ema + (1 - d) * variables, d = min(decay, (1+t)/(10+t)).
-
-  t = optimizer steps taken before this one. The warm-up of d (as TF's
-  ExponentialMovingAverage with num_updates) keeps the average from
-  remembering the random initialisation: d is 0.1 at the first step and
-  reaches 0.99 after ~900 steps. Integer leaves are copied.
-  """
-  t = jnp.asarray(step, jnp.float32)
-  d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
-
-  def leaf(e, v):
-    if not jnp.issubdtype(v.dtype, jnp.floating):
-      return v
-    return (d * e.astype(jnp.float32)
-            + (1.0 - d) * v.astype(jnp.float32)).astype(e.dtype)
-  return jax.tree.map(leaf, ema, variables)
 
 
 def train_step(state: TrainState, batch: dict[str, jnp.ndarray], rng,
@@ -160,9 +134,9 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], rng,
   if axis_name is not None:
     values = jax.lax.pmean(values, axis_name)
   ema = state.ema
-  if ema_decay(config) > 0:
-    ema = update_ema(ema, model_variables(params, aux["model_state"]),
-                     state.step, ema_decay(config))
+  if ema_lib.decay(config) > 0:
+    ema = ema_lib.update(ema, model_variables(params, aux["model_state"]),
+                         state.step, ema_lib.decay(config))
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state, oim=new_oim,
                             model_state=aux["model_state"], ema=ema)
@@ -282,7 +256,7 @@ def _check_config(config: ml_collections.ConfigDict):
   if config.oim.loss not in ("oim", "softmax"):
     raise ValueError(f"config.oim.loss must be 'oim' or 'softmax', got "
                      f"{config.oim.loss!r}")
-  ema_decay(config)  # raises on a decay outside [0, 1)
+  ema_lib.decay(config)  # raises on a decay outside [0, 1)
   n = jax.device_count()
   if config.train.batch_size % n:
     raise ValueError(
@@ -347,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                async_saves=config.train.async_checkpoints)
   history = _History(workdir)
   start_step = 0
-  use_ema = ema_decay(config) > 0
+  use_ema = ema_lib.decay(config) > 0
   if ckpt.latest_step() is not None:
     latest = ckpt.latest_step()
     templates = {"params": model_variables(state.params, state.model_state),

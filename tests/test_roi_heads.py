@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from oim_jax import pids
 from oim_jax.models import roi_heads
 
 
@@ -187,7 +188,7 @@ def test_image_without_gt_sampling_losses_and_oim():
   np.testing.assert_array_equal(labels, [0] * 15 + [-1])
   assert ({tuple(b) for b in np.asarray(s.boxes[:15]).tolist()} ==
           {tuple(b) for b in props[valid].tolist()})
-  np.testing.assert_array_equal(s.pids, roi_heads.BACKGROUND_PID)
+  np.testing.assert_array_equal(s.pids, pids.IGNORE)
   np.testing.assert_array_equal(s.deltas, 0.0)
 
   logits = rng.normal(size=(16, 2)).astype(np.float32)

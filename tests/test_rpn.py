@@ -1,4 +1,4 @@
-"""RPN: matching, sampling, targets, losses and proposals vs NumPy references."""
+"""RPN: targets, losses and proposals vs NumPy references."""
 
 import jax
 import jax.numpy as jnp
@@ -46,25 +46,6 @@ def _np_encode(gt, an):
                    np.log(gh / ah)])
 
 
-def test_hand_checked_matching():
-  anchors = jnp.array([[0, 0, 10, 10],      # IoU 1 with GT0 -> fg
-                       [0, 0, 20, 20],      # IoU 100/400 = 0.25 -> bg
-                       [100, 100, 110, 110],  # IoU 0 -> bg
-                       [48, 48, 58, 58],    # IoU 64/156 = 0.41 with GT1:
-                                            # GT1's best anchor -> fg
-                       [0, 0, 14, 10],      # IoU 100/140 = 0.714 -> fg
-                       [0, 0, 10, 20],      # 0.5: between -> ignored
-                       [300, 300, 310, 310]], jnp.float32)  # outside image
-  valid = jnp.array([True] * 6 + [False])
-  gts = jnp.array([[0, 0, 10, 10], [50, 50, 60, 62], [0, 0, 500, 500]],
-                  jnp.float32)
-  gt_valid = jnp.array([True, True, False])  # third GT is padding
-  labels, matched = rpn.match(ops.box_iou(anchors, gts), valid, gt_valid,
-                              0.7, 0.3, True)
-  np.testing.assert_array_equal(labels, [1, 0, 0, 1, 1, -1, -1])
-  np.testing.assert_array_equal(np.asarray(matched)[[0, 3, 4]], [0, 1, 0])
-
-
 def test_targets_vs_numpy_reference():
   anchors = ops.anchors((5, 6), 16, (16, 32), (0.5, 1.0, 2.0))
   image_size = jnp.array([60, 70])  # canvas 80 x 96: some anchors outside
@@ -101,13 +82,6 @@ def test_targets_vs_numpy_reference():
     assert (lab == 0).sum() == min(n_bg, 16 - min(n_fg, 4))
     assert np.all(ref_labels[lab == 1] == 1)
     assert np.all(ref_labels[lab == 0] == 0)
-
-
-def test_sample_with_too_few_candidates():
-  labels = jnp.array([1, -1, 0, -1, 0, -1])
-  index, kind = rpn.sample(labels, jax.random.PRNGKey(0), 5, 0.5)
-  np.testing.assert_array_equal(kind, [1, 0, 0, -1, -1])
-  assert int(index[0]) == 0 and set(np.asarray(index[1:3])) == {2, 4}
 
 
 def test_losses_vs_numpy():

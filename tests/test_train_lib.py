@@ -230,23 +230,6 @@ def test_synthetic_unknown_variant_names_the_choices():
     synthetic_config_module().get_config("short")
 
 
-def test_update_ema_matches_numpy_reference():
-  rng = np.random.default_rng(3)
-  decay = 0.9
-  values = [rng.normal(size=(3, 2)).astype(np.float32) for _ in range(30)]
-  ema = {"w": jax.numpy.asarray(values[0]), "n": jax.numpy.int32(0)}
-  want = values[0].astype(np.float64)
-  for t, v in enumerate(values[1:]):
-    ema = train_lib.update_ema(ema, {"w": v, "n": np.int32(t + 1)}, t, decay)
-    d = min(decay, (1.0 + t) / (10.0 + t))  # 0.1, 0.18, ... then 0.9
-    want = d * want + (1.0 - d) * v
-  np.testing.assert_allclose(np.asarray(ema["w"]), want, rtol=1e-5,
-                             atol=1e-6)
-  assert int(ema["n"]) == 29  # integer leaves are copied, not averaged
-  with pytest.raises(ValueError, match="ema_decay"):
-    train_lib.ema_decay(tiny_train_config("unused", ema_decay=1.0))
-
-
 def test_ema_is_checkpointed_resumed_and_evaluated(tiny_synthetic_root,
                                                    tmp_path):
   from oim_jax import eval_lib  # pylint: disable=g-import-not-at-top

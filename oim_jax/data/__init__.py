@@ -1,3 +1,3 @@
 """Datasets (CUHK-SYSU, PRW, synthetic) and the input pipeline."""
 
-from oim_jax.data.dataset import GalleryEntry, ImageAnnotation, Query, SearchDataset, UNLABELED
+from oim_jax.data.dataset import GalleryEntry, ImageAnnotation, Query, SearchDataset

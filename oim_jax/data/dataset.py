@@ -2,7 +2,8 @@
 
 Boxes are (x1, y1, x2, y2) float32 pixels, no +1 (width = x2 - x1).
 Identity labels (pids): train identities 0..L-1, test identities numbered by
-query order (0..num_queries-1 where distinct), -1 for an unlabeled person.
+query order (0..num_queries-1 where distinct), -1 for an unlabeled person
+(oim_jax/pids.py).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import dataclasses
 from typing import Optional, Sequence
 
 import numpy as np
-
-UNLABELED = -1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,10 +53,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from oim_jax.pids import IGNORE
 from oim_jax.data.dataset import split_annotations
 from oim_jax.data.sources import AnnotationSource, ImageSource
 
-PAD_PID = -2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LANDSCAPE, PORTRAIT = 0, 1
@@ -220,7 +220,7 @@ def load_example(source: ImageSource, index: int, canvas: tuple[int, int],
   n = len(pids)
   out_boxes = np.zeros((options.max_gt, 4), np.float32)
   out_boxes[:n] = boxes
-  out_pids = np.full((options.max_gt,), PAD_PID, np.int32)
+  out_pids = np.full((options.max_gt,), IGNORE, np.int32)
   out_pids[:n] = pids
   return {
       "image": image,
@@ -244,7 +244,7 @@ def padding_example(canvas: tuple[int, int],
       "image": np.zeros(canvas + (3,), np.uint8),
       "image_size": np.array(canvas, np.int32),
       "boxes": np.zeros((max_gt, 4), np.float32),
-      "pids": np.full((max_gt,), PAD_PID, np.int32),
+      "pids": np.full((max_gt,), IGNORE, np.int32),
       "box_mask": np.zeros((max_gt,), bool),
       "scale": np.float32(1.0),
       "index": np.int32(-1),

@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from oim_jax import ops
-from oim_jax.models import rpn
+from oim_jax.pids import IGNORE
+from oim_jax.ops import losses
+from oim_jax.ops import sampling
 
-BACKGROUND_PID = -2  # pid of background RoIs and padding (OIM "ignore")
 
 
 class RoISamples(NamedTuple):
@@ -43,19 +44,19 @@ def sample_rois(proposals, proposal_valid, gt_boxes, gt_pids, gt_valid, key,
   cand = jnp.concatenate([proposals, gt_boxes], axis=0)
   cand_valid = jnp.concatenate([proposal_valid, gt_valid], axis=0)
   iou = ops.box_iou(cand, gt_boxes)
-  labels, matched = rpn.match(iou, cand_valid, gt_valid, fg_iou, bg_iou,
+  labels, matched = sampling.match(iou, cand_valid, gt_valid, fg_iou, bg_iou,
                               False, bg_iou_lo)
-  index, kind = rpn.sample(labels, key, batch_size, fg_fraction)
+  index, kind = sampling.sample(labels, key, batch_size, fg_fraction)
   boxes = cand[index]
   # Non-fg rows may pair a padded all-zero GT (always so in an image without
   # GT) or an empty box (an unused slot's arbitrary row): encode a unit box
   # against itself there, so no inf / NaN is ever computed (deltas 0).
-  fg = (kind == rpn.FG)[:, None]
+  fg = (kind == sampling.FG)[:, None]
   unit = jnp.array([0.0, 0.0, 1.0, 1.0], jnp.float32)
   deltas = ops.encode_boxes(jnp.where(fg, gt_boxes[matched[index]], unit),
                             jnp.where(fg, boxes, unit), ops.ROI_HEAD_WEIGHTS)
   deltas = jnp.where(fg, deltas, 0.0)
-  pids = jnp.where(kind == rpn.FG, gt_pids[matched[index]], BACKGROUND_PID)
+  pids = jnp.where(kind == sampling.FG, gt_pids[matched[index]], IGNORE)
   return RoISamples(boxes, kind, deltas, pids.astype(jnp.int32))
 
 
@@ -213,8 +214,8 @@ def detection_losses(cls_logits, deltas, samples: RoISamples,
   target = jnp.clip(samples.labels, 0, 1)
   ce = -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
   cls = jnp.sum(ce * used) / n
-  reg = jnp.sum(rpn.masked_smooth_l1(deltas - samples.deltas,
-                                     samples.labels == rpn.FG, beta)) / n
+  reg = jnp.sum(losses.masked_smooth_l1(
+      deltas - samples.deltas, samples.labels == sampling.FG, beta)) / n
   return cls, reg
 
 

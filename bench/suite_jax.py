@@ -23,7 +23,6 @@ FLOPs come from XLA's cost analysis of the compiled executable.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import resource
@@ -37,8 +36,6 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from oim_jax import config_defaults  # pylint: disable=g-import-not-at-top
-from oim_jax import optim  # pylint: disable=g-import-not-at-top
 from oim_jax import parallel  # pylint: disable=g-import-not-at-top
 from oim_jax import train_lib  # pylint: disable=g-import-not-at-top
 from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -174,24 +171,16 @@ def run_train(preset: str, height: int, width: int, batch: int, dtype: str,
   counter = CompileCounter()
   mesh = parallel.make_mesh()
   mode = "shard_map"
-  model = ps.create_model(config, axis_name=parallel.AXIS)
-  params, model_state = ps.split_variables(
-      ps.init_variables(model, config, jax.random.key(0)))
-  tx, _ = optim.create_optimizer(config.train, 1000,
-                                 ps.trainable_mask(params, config))
-  state = train_lib.create_train_state(params, tx, config,
-                                       config.model.embedding_dim,
-                                       model_state)
+  model, tx, _, state = train_lib.create_model_and_state(
+      config, 1000, jax.random.key(0))
   state = parallel.put_replicated(state, mesh, mode)
-  loss_fn = functools.partial(ps.loss_fn, model, config)
   traces = {"n": 0}
 
-  def per_device(st, b, rng):
+  def on_trace():
     traces["n"] += 1
-    return train_lib.train_step(st, b, rng, loss_fn=loss_fn, tx=tx,
-                                config=config, axis_name=parallel.AXIS)
 
-  step = parallel.data_parallel(per_device, mode, mesh)
+  step = train_lib.make_train_step(model, config, tx, mesh, mode,
+                                   on_trace=on_trace)
   rng = np.random.default_rng(0)
   batches = [parallel.put_batch(
       random_batch(rng, batch, height, width, config.data.max_gt, num_gt),

@@ -14,7 +14,7 @@ import json
 import math
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
 from clu import metrics as clu_metrics
@@ -28,9 +28,11 @@ import numpy as np
 
 from oim_jax import checkpointing
 from oim_jax import ema as ema_lib
+from oim_jax import eval_lib
 from oim_jax import oim
 from oim_jax import optim
 from oim_jax import parallel
+from oim_jax.models import person_search
 
 
 @flax.struct.dataclass
@@ -265,6 +267,172 @@ def _check_config(config: ml_collections.ConfigDict):
         "linear-scaling rule for the learning rate.")
 
 
+def create_model_and_state(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int, init_rng, *,
+                           platform: Optional[str] = None,
+                           pretrained: bool = True):
+  """The model, its optimizer and a fresh train state (on the host).
+
+  Returns:
+    (model, tx, schedule (step -> lr), TrainState at step 0).
+  """
+  model = person_search.create_model(config, axis_name=parallel.AXIS,
+                                     platform=platform)
+  params, model_state = person_search.split_variables(
+      person_search.init_variables(model, config, init_rng,
+                                   pretrained=pretrained))
+  tx, schedule = optim.create_optimizer(
+      config.train, steps_per_epoch,
+      person_search.trainable_mask(params, config))
+  state = create_train_state(params, tx, config, config.model.embedding_dim,
+                             model_state)
+  return model, tx, schedule, state
+
+
+def make_train_step(model, config: ml_collections.ConfigDict, tx,
+                    mesh: jax.sharding.Mesh, mode: str, *,
+                    donate_state: bool = True,
+                    on_trace: Optional[Callable[[], None]] = None):
+  """`train_step` of `model`, jit-compiled and data-parallel over `mesh`.
+
+  Returns (state, global batch, rng) -> (state, metrics), in the layout of
+  `mode` (parallel.data_parallel). `on_trace` is called at every trace of
+  the per-device step (recompilation counts).
+  """
+  loss_fn = functools.partial(person_search.loss_fn, model, config)
+
+  def per_device(st, batch, rng):
+    if on_trace is not None:
+      on_trace()
+    return train_step(st, batch, rng, loss_fn=loss_fn, tx=tx, config=config,
+                      axis_name=parallel.AXIS)
+  return parallel.data_parallel(per_device, mode, mesh,
+                                donate_state=donate_state)
+
+
+def checkpoint_items(state: TrainState, mode: str,
+                     use_ema: bool) -> dict[str, Any]:
+  """The Orbax items of a (replicated) train state, on the host.
+
+  "params" holds all model variables: what evaluation restores.
+  """
+  items = {
+      "params": parallel.unreplicate(
+          model_variables(state.params, state.model_state), mode),
+      "opt_state": parallel.unreplicate(state.opt_state, mode),
+      "oim": parallel.unreplicate(state.oim, mode)}
+  if use_ema:
+    items[checkpointing.EMA_ITEM] = parallel.unreplicate(state.ema, mode)
+  return items
+
+
+def restore_train_state(ckpt, state: TrainState, mesh: jax.sharding.Mesh,
+                        use_ema: bool):
+  """The latest checkpoint of `ckpt`, shaped like the fresh `state`.
+
+  Restored straight into the replicated layout of `mesh` (every process
+  reads the values of its own devices).
+
+  Returns:
+    (TrainState, step, checkpoint metadata).
+  """
+  latest = ckpt.latest_step()
+  templates = {"params": model_variables(state.params, state.model_state),
+               "opt_state": state.opt_state, "oim": state.oim}
+  has_ema = checkpointing.has_item(ckpt, latest, checkpointing.EMA_ITEM)
+  if use_ema and has_ema:
+    templates[checkpointing.EMA_ITEM] = state.ema
+  step, items, meta = checkpointing.restore(
+      ckpt, templates, latest, sharding=parallel.replicated_sharding(mesh))
+  params, model_state = person_search.split_variables(items["params"])
+  ema = {}
+  if use_ema:
+    if has_ema:
+      ema = items[checkpointing.EMA_ITEM]
+    else:
+      logging.warning("The checkpoint at step %d has no moving average "
+                      "(trained with ema_decay=0): it starts from the "
+                      "restored weights.", step)
+      ema = _copy(model_variables(params, model_state))
+  state = TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                     opt_state=items["opt_state"], oim=items["oim"],
+                     model_state=model_state, ema=ema)
+  return state, step, meta
+
+
+def _check_num_labeled(config, dataset):
+  if config.oim.num_labeled != dataset.num_train_ids:
+    raise ValueError(
+        f"config.oim.num_labeled={config.oim.num_labeled} but the "
+        f"{dataset.name} train split at {dataset.root} has "
+        f"{dataset.num_train_ids} labeled identities: set "
+        f"--config.oim.num_labeled={dataset.num_train_ids}.")
+
+
+def _check_finite(step: int, m: dict[str, float], ckpt_dir):
+  if (not all(math.isfinite(v) for v in m.values())
+      or m.get("nonfinite_params", 0.0) > 0):
+    raise NonFiniteLossError(
+        f"Non-finite training loss or parameters after step {step}: {m}. "
+        "Training stopped; no checkpoint of this state was written. Lower "
+        "config.train.lr, check the data, or resume from the last "
+        f"checkpoint in {ckpt_dir}.")
+
+
+class _TrainLog:
+  """Per-step metrics -> window means -> log line, TensorBoard, history."""
+
+  def __init__(self, workdir, history: _History, *, total_steps: int,
+               steps_per_epoch: int, batch_size: int, schedule,
+               counts: Callable[[], tuple[int, int]]):
+    self.writer = _summary_writer(workdir)
+    self.history = history
+    self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+    self.batch_size, self.schedule, self.counts = batch_size, schedule, counts
+    self.window, self.last = [], {}
+    self.restart_clock()
+
+  def restart_clock(self):
+    """Keeps what happened since (evaluation) out of seconds/step."""
+    self._start = time.time()
+
+  def add(self, metrics: dict[str, float]):
+    self.window.append(metrics)
+
+  def flush(self, step: int):
+    """Writes the mean of the window ending at `step` and starts a new one."""
+    if not self.window:
+      return
+    acc = TrainMetrics.empty()
+    for m in self.window:
+      acc = acc.merge(TrainMetrics.single_from_model_output(**m))
+    means = {k: float(v) for k, v in acc.compute().items()}
+    sec_per_step = (time.time() - self._start) / len(self.window)
+    self.window = []
+    self.restart_clock()
+    traces, compiles = self.counts()
+    means.update(lr=float(self.schedule(step - 1)), sec_per_step=sec_per_step,
+                 images_per_sec=self.batch_size / max(sec_per_step, 1e-9),
+                 step_compilations=traces, compilations=compiles)
+    eta = sec_per_step * (self.total_steps - step)
+    if jax.process_index() == 0:
+      logging.info(
+          "step %d/%d (epoch %.2f) loss %.4f [rpn %.3f/%.3f det %.3f/%.3f "
+          "reid %.3f] lr %.2e %.2f s/step %.1f img/s ETA %s compiles %d",
+          step, self.total_steps, step / self.steps_per_epoch, means["loss"],
+          means["rpn_cls"], means["rpn_reg"], means["det_cls"],
+          means["det_reg"], means["reid"], means["lr"], sec_per_step,
+          means["images_per_sec"], _fmt_eta(eta), traces)
+      self.scalars("train", means, step)
+      self.history.append({"step": step, **means})
+    self.last = means
+
+  def scalars(self, prefix: str, values: dict[str, float], step: int):
+    for k, v in values.items():
+      self.writer.add_scalar(f"{prefix}/{k}", v, step)
+    self.writer.flush()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains (resuming from the latest checkpoint) and evaluates at the end.
@@ -275,7 +443,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   from oim_jax.data import datasets as data_lib  # pylint: disable=g-import-not-at-top
   from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
 
   if config.get("distributed", False):
     # Before any other JAX call (train.py has usually done it already, with
@@ -289,16 +456,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   dataset = data_lib.load_dataset(config.data)
-  num_labeled = dataset.num_train_ids
-  if config.oim.num_labeled != num_labeled:
-    raise ValueError(
-        f"config.oim.num_labeled={config.oim.num_labeled} but the "
-        f"{dataset.name} train split at {dataset.root} has {num_labeled} "
-        "labeled identities: set --config.oim.num_labeled="
-        f"{num_labeled}.")
-
-  mesh = parallel.make_mesh()
-  mode = config.parallelism
+  _check_num_labeled(config, dataset)
+  mesh, mode = parallel.make_mesh(), config.parallelism
   loader = pipeline.TrainIterator(
       pipeline.dataset_source(dataset, "train", config.data),
       batch_size=config.train.batch_size, seed=config.seed,
@@ -306,127 +465,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   steps_per_epoch = loader.steps_per_epoch
   total_steps = (config.train.num_steps if config.train.num_steps > 0
                  else config.train.epochs * steps_per_epoch)
-
-  model = person_search.create_model(config, axis_name=parallel.AXIS)
   init_rng, base_rng = jax.random.split(jax.random.key(config.seed))
-  params, model_state = person_search.split_variables(
-      person_search.init_variables(model, config, init_rng))
-  trainable = person_search.trainable_mask(params, config)
-  tx, schedule = optim.create_optimizer(config.train, steps_per_epoch,
-                                        trainable)
-  state = create_train_state(params, tx, config,
-                             config.model.embedding_dim, model_state)
+  model, tx, schedule, state = create_model_and_state(
+      config, steps_per_epoch, init_rng)
 
   ckpt = checkpointing.manager(workdir, config.train.keep_checkpoints,
                                async_saves=config.train.async_checkpoints)
   history = _History(workdir)
-  start_step = 0
   use_ema = ema_lib.decay(config) > 0
+  step = 0
   if ckpt.latest_step() is not None:
-    latest = ckpt.latest_step()
-    templates = {"params": model_variables(state.params, state.model_state),
-                 "opt_state": state.opt_state, "oim": state.oim}
-    has_ema = checkpointing.has_item(ckpt, latest, checkpointing.EMA_ITEM)
-    if use_ema and has_ema:
-      templates[checkpointing.EMA_ITEM] = state.ema
-    # Straight into the replicated layout of the step's mesh: every process
-    # reads the values for its own devices.
-    start_step, items, meta = checkpointing.restore(
-        ckpt, templates, latest,
-        sharding=parallel.replicated_sharding(mesh))
-    params, model_state = person_search.split_variables(items["params"])
-    ema = {}
-    if use_ema:
-      if has_ema:
-        ema = items[checkpointing.EMA_ITEM]
-      else:
-        logging.warning("The checkpoint at step %d has no moving average "
-                        "(trained with ema_decay=0): it starts from the "
-                        "restored weights.", start_step)
-        ema = _copy(model_variables(params, model_state))
-    state = TrainState(step=jnp.asarray(start_step, jnp.int32),
-                       params=params, opt_state=items["opt_state"],
-                       oim=items["oim"], model_state=model_state, ema=ema)
+    state, step, meta = restore_train_state(ckpt, state, mesh, use_ema)
     loader.set_state(meta["pipeline"])
     if primary:
-      history.truncate_after(start_step)
-    logging.info("Resumed from step %d (%s).", start_step, ckpt.directory)
+      history.truncate_after(step)
+    logging.info("Resumed from step %d (%s).", step, ckpt.directory)
   state = parallel.put_replicated(state, mesh, mode)
 
-  step_traces = {"n": 0}
-  loss_fn = functools.partial(person_search.loss_fn, model, config)
+  traces = [0]
+  p_step = make_train_step(model, config, tx, mesh, mode,
+                           on_trace=lambda: traces.__setitem__(0, traces[0] + 1))
+  compiles = _CompileCounter()
+  log = _TrainLog(workdir, history, total_steps=total_steps,
+                  steps_per_epoch=steps_per_epoch,
+                  batch_size=config.train.batch_size, schedule=schedule,
+                  counts=lambda: (traces[0], compiles.n))
 
-  def per_device(st, batch, rng):
-    step_traces["n"] += 1
-    return train_step(st, batch, rng, loss_fn=loss_fn, tx=tx, config=config,
-                      axis_name=parallel.AXIS)
-
-  p_step = parallel.data_parallel(per_device, mode, mesh)
-  writer = _summary_writer(workdir)
-
-  log_every = max(1, config.train.log_every)
-  ckpt_every = config.train.checkpoint_every
-  window, window_start, pending = [], time.time(), None
-  last = {}
-  batch_images = config.train.batch_size
-
-  def flush(step_done: int, metrics_list):
-    nonlocal window_start, last
-    if not metrics_list:
-      return
-    acc = TrainMetrics.empty()
-    for m in metrics_list:
-      acc = acc.merge(TrainMetrics.single_from_model_output(**m))
-    means = {k: float(v) for k, v in acc.compute().items()}
-    elapsed = time.time() - window_start
-    window_start = time.time()
-    sec_per_step = elapsed / len(metrics_list)
-    means.update(lr=float(schedule(step_done - 1)),
-                 sec_per_step=sec_per_step,
-                 images_per_sec=batch_images / max(sec_per_step, 1e-9),
-                 step_compilations=step_traces["n"],
-                 compilations=compiles.n)
-    eta = sec_per_step * (total_steps - step_done)
-    if jax.process_index() == 0:
-      logging.info(
-          "step %d/%d (epoch %.2f) loss %.4f [rpn %.3f/%.3f det %.3f/%.3f "
-          "reid %.3f] lr %.2e %.2f s/step %.1f img/s ETA %s compiles %d",
-          step_done, total_steps, step_done / steps_per_epoch, means["loss"],
-          means["rpn_cls"], means["rpn_reg"], means["det_cls"],
-          means["det_reg"], means["reid"], means["lr"], sec_per_step,
-          means["images_per_sec"], _fmt_eta(eta), step_traces["n"])
-      for k, v in means.items():
-        writer.add_scalar(f"train/{k}", v, step_done)
-      writer.flush()
-      history.append({"step": step_done, **means})
-    last = means
-
-  def check_finite(step_done: int, m: dict[str, float]):
-    if (not all(math.isfinite(v) for v in m.values())
-        or m.get("nonfinite_params", 0.0) > 0):
-      raise NonFiniteLossError(
-          f"Non-finite training loss or parameters after step {step_done}: "
-          f"{m}. Training stopped; no checkpoint of this state was written. "
-          "Lower config.train.lr, check the data, or resume from the last "
-          f"checkpoint in {ckpt.directory}.")
-
-  def save(step_done: int, force: bool = False):
+  def save(step_done: int):
     meta = {"step": step_done, "seed": config.seed,
             "pipeline": loader.get_state()}
-    # "params" holds all model variables: what evaluation restores.
-    items = {
-        "params": parallel.unreplicate(
-            model_variables(state.params, state.model_state), mode),
-        "opt_state": parallel.unreplicate(state.opt_state, mode),
-        "oim": parallel.unreplicate(state.oim, mode)}
-    if use_ema:
-      items[checkpointing.EMA_ITEM] = parallel.unreplicate(state.ema, mode)
-    checkpointing.save(ckpt, step_done, items, meta, force=force)
+    checkpointing.save(ckpt, step_done, checkpoint_items(state, mode, use_ema),
+                       meta, force=True)
 
   inference = []  # one eval_lib.Inference, compiled once, reused
 
   def run_eval(step_done: int) -> dict[str, Any]:
-    from oim_jax import eval_lib  # pylint: disable=g-import-not-at-top
     # With config.train.ema_decay > 0 the moving average is what is
     # evaluated (here and by eval.py).
     variables = parallel.unreplicate(
@@ -437,62 +510,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     metrics = eval_lib.evaluate(config, workdir, params=variables,
                                 dataset=dataset, step=step_done,
                                 inference=inference[0])
-    if jax.process_index() == 0:
-      for k, v in metrics.items():
-        writer.add_scalar(f"eval/{k}", v, step_done)
-      writer.flush()
+    if primary:
+      log.scalars("eval", metrics, step_done)
       history.append({"step": step_done,
                       **{f"eval_{k}": v for k, v in metrics.items()}})
     return metrics
 
-  eval_every = config.eval.every_steps
-  step = start_step
-  with _Preemption() as preempt, _CompileCounter() as compiles:
+  def take(step_done: int, metrics):
+    m = _to_floats(metrics, mode)
+    _check_finite(step_done, m, ckpt.directory)
+    log.add(m)
+
+  log_every = max(1, config.train.log_every)
+  ckpt_every, eval_every = config.train.checkpoint_every, config.eval.every_steps
+  pending = None  # (step, metrics) of the step whose metrics are not read
+  with _Preemption() as preempt, compiles:
     try:
       while step < total_steps:
-        batch = next(loader)
-        rng = jax.random.fold_in(base_rng, step)
-        state, metrics = p_step(state, parallel.put_batch(batch, mesh, mode),
-                                rng)
+        batch = parallel.put_batch(next(loader), mesh, mode)
+        state, metrics = p_step(state, batch,
+                                jax.random.fold_in(base_rng, step))
         step += 1
         # Read the previous step's metrics while this one runs: keeps the
         # device busy and still stops within one step of a NaN.
         if pending is not None:
-          m = _to_floats(pending[1], mode)
-          check_finite(pending[0], m)
-          window.append(m)
+          take(*pending)
           if pending[0] % log_every == 0:
-            flush(pending[0], window)
-            window = []
+            log.flush(pending[0])
         pending = (step, metrics)
         stop = preempt.requested  # read once a step (a collective on pods)
-        save_now = (ckpt_every > 0 and step % ckpt_every == 0) or stop
-        if save_now or step == total_steps:
-          m = _to_floats(pending[1], mode)
-          check_finite(step, m)
-          window.append(m)
-          flush(step, window)
-          window, pending = [], None
-          save(step, force=True)
+        if (ckpt_every > 0 and step % ckpt_every == 0) or stop or (
+            step == total_steps):
+          take(*pending)
+          pending = None
+          log.flush(step)
+          save(step)
         if (eval_every > 0 and step % eval_every == 0 and step < total_steps
             and not stop):
           run_eval(step)
-          window_start = time.time()  # keep evaluation out of s/step
+          log.restart_clock()
         if stop:
           logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.",
                           step)
           ckpt.wait_until_finished()
-          writer.close()
+          log.writer.close()
           return {"preempted": True, "step": step}
     finally:
       ckpt.wait_until_finished()
       loader.close()
 
-  result = dict(last)
+  result = dict(log.last)
   if config.eval.at_end:
     result.update(run_eval(step))
-  writer.close()
-  if jax.process_index() == 0:
+  log.writer.close()
+  if primary:
     plot_curves(history.read(), workdir / "curves.png")
   return result
 

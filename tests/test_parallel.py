@@ -21,14 +21,13 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
-    import functools, json, sys
+    import json, sys
     sys.path.insert(0, sys.argv[2])
     sys.path.insert(0, sys.argv[2] + "/tests")
     import jax, jax.numpy as jnp, numpy as np
     from conftest import tiny_train_config
-    from oim_jax import optim, parallel, train_lib
+    from oim_jax import parallel, train_lib
     from oim_jax.data import datasets, pipeline
-    from oim_jax.models import person_search
 
     config = tiny_train_config(sys.argv[1])
     config.train.batch_size = 8
@@ -41,23 +40,13 @@ SCRIPT = textwrap.dedent("""
         options=pipeline.PipelineOptions.from_config(config.data))
     batches = [next(it), next(it)]
     it.close()
-    model = person_search.create_model(config, axis_name=parallel.AXIS)
-    params, model_state = person_search.split_variables(
-        person_search.init_variables(model, config, jax.random.key(0)))
-    trainable = person_search.trainable_mask(params, config)
-    tx, _ = optim.create_optimizer(config.train, 10, trainable)
-    state0 = train_lib.create_train_state(params, tx, config,
-                                          config.model.embedding_dim,
-                                          model_state)
-    loss_fn = functools.partial(person_search.loss_fn, model, config)
+    model, tx, _, state0 = train_lib.create_model_and_state(
+        config, 10, jax.random.key(0))
 
     def run(devices, mode):
       mesh = parallel.make_mesh(devices)
-      def per_device(st, b, rng):
-        return train_lib.train_step(st, b, rng, loss_fn=loss_fn, tx=tx,
-                                    config=config, axis_name=parallel.AXIS)
-      step = parallel.data_parallel(per_device, mode, mesh,
-                                    donate_state=False)
+      step = train_lib.make_train_step(model, config, tx, mesh, mode,
+                                       donate_state=False)
       st = parallel.put_replicated(state0, mesh, mode)
       losses = []
       for i, b in enumerate(batches):

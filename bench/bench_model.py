@@ -74,7 +74,7 @@ def main():
   batch = jax.tree_util.tree_map(jnp.asarray, batch)
   state = oim.init_state(5532, 5000, 256)
 
-  fwd = lambda p, im, sz: ps.detect(model, config, p, im, sz)
+  fwd = lambda p, im, sz: ps.detect(model, p, im, sz)
   grad = jax.value_and_grad(
       lambda p, s, b, r: ps.loss_fn(model, config, p, s, b, r), has_aux=True)
   res = {}

@@ -247,7 +247,8 @@ def run_infer(preset: str, height: int, width: int, batch: int, dtype: str,
   out = {"what": "infer", "preset": preset, "height": height,
          "width": width, "batch": batch, "dtype": dtype, "iters": iters}
 
-  detect = jax.jit(lambda v, im, sz: ps.detect(model, config, v, im, sz))
+  detect = jax.jit(lambda v, im, sz: ps.detect(
+      model, v, im, sz, flip_test=config.eval.flip_test))
   t = time.perf_counter()
   compiled = detect.lower(variables, images, sizes).compile()
   out["detect_compile_s"] = time.perf_counter() - t
@@ -266,8 +267,8 @@ def run_infer(preset: str, height: int, width: int, batch: int, dtype: str,
   qimages = images[:1]
   qsizes = sizes[:1]
   qboxes = jnp.asarray(b["boxes"][:1, :queries])
-  embed = jax.jit(lambda v, im, bx, sz: ps.embed_boxes(model, config, v, im,
-                                                       bx, sz))
+  embed = jax.jit(lambda v, im, bx, sz: ps.embed_boxes(
+      model, v, im, bx, sz, flip_test=config.eval.flip_test))
   t = time.perf_counter()
   ce = embed.lower(variables, qimages, qboxes, qsizes).compile()
   out["embed_compile_s"] = time.perf_counter() - t

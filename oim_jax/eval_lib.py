@@ -100,17 +100,19 @@ class Inference:
     self.params = params
     self.options = pipeline.PipelineOptions.from_config(config.data)
     model = person_search.create_model(config)
+    flip_test = bool(config.eval.get("flip_test", False))
 
     def detect(p, b):
-      out = person_search.detect(model, config, p, b["image"],
-                                 b["image_size"])
+      out = person_search.detect(model, p, b["image"], b["image_size"],
+                                 flip_test=flip_test)
       # The batch's own rows travel with the outputs: the gathered result
       # says which image each row is, whatever the device order.
       return dict(out, index=b["index"], scale=b["scale"])
 
     def embed(p, b):
-      emb = person_search.embed_boxes(model, config, p, b["image"],
-                                      b["boxes"][:, :1], b["image_size"])
+      emb = person_search.embed_boxes(model, p, b["image"],
+                                      b["boxes"][:, :1], b["image_size"],
+                                      flip_test=flip_test)
       return {"embeddings": emb, "index": b["index"]}
 
     self._detect = self._data_parallel(detect)

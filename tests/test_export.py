@@ -124,11 +124,10 @@ SCRIPT = textwrap.dedent(r"""
       model = person_search.create_model(config, platform=platform)
       b = batch_spec(2)
       if what == "detect":
-        fn = lambda v, im, sz: person_search.detect(model, config, v, im, sz)
+        fn = lambda v, im, sz: person_search.detect(model, v, im, sz)
         args = (variables, b["image"], b["image_size"])
       else:
-        fn = lambda v, im, bx: person_search.embed_boxes(model, config, v,
-                                                         im, bx)
+        fn = lambda v, im, bx: person_search.embed_boxes(model, v, im, bx)
         args = (variables, b["image"], S((2, 1, 4), jnp.float32))
       return facts(f"{what}/{platform}", jax.jit(fn), args, platform, model)
 

@@ -125,7 +125,7 @@ def test_shapes_dtypes_single_compile_and_embeddings():
   assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
              for a, b in zip(new_stats, old_stats))
 
-  det = jax.jit(lambda p, im, sz: ps.detect(model, config, p, im, sz))
+  det = jax.jit(lambda p, im, sz: ps.detect(model, p, im, sz))
   out = det(variables, batch["image"], batch["image_size"])
   assert out["boxes"].shape == (4, 8, 4) and out["boxes"].dtype == jnp.float32
   assert out["scores"].shape == (4, 8) and out["valid"].dtype == jnp.bool_
@@ -138,7 +138,7 @@ def test_shapes_dtypes_single_compile_and_embeddings():
   assert (b[..., 2] <= batch["image_size"][:, None, 1]).all()
   assert (b[..., 3] <= batch["image_size"][:, None, 0]).all()
   # Detection embeddings are those of the re-pooled final boxes.
-  emb = jax.jit(lambda p, im, bx: ps.embed_boxes(model, config, p, im, bx))(
+  emb = jax.jit(lambda p, im, bx: ps.embed_boxes(model, p, im, bx))(
       variables, batch["image"], out["boxes"])
   np.testing.assert_allclose(np.asarray(emb)[valid],
                              np.asarray(out["embeddings"])[valid], atol=1e-5)
@@ -271,7 +271,7 @@ def test_model_trace_does_not_ask_for_the_default_backend(monkeypatch,
   grad = jax.grad(lambda p, ms, st, b: ps.loss_fn(
       model, config, p, st, b, jax.random.PRNGKey(1), model_state=ms)[0])
   jax.make_jaxpr(grad)(params, model_state, state, batch)
-  jax.make_jaxpr(lambda v, b: ps.detect(model, config, v, b["image"],
+  jax.make_jaxpr(lambda v, b: ps.detect(model, v, b["image"],
                                         b["image_size"]))(variables, batch)
 
 
@@ -353,7 +353,7 @@ def test_tiny_model_overfits_four_images():
         f"{reid1:.3f}")
   assert det1 < 0.5 * det0 and reid1 < 0.5 * reid0
 
-  out = jax.jit(lambda p, im, sz: ps.detect(model, config, p, im, sz))(
+  out = jax.jit(lambda p, im, sz: ps.detect(model, p, im, sz))(
       {"params": params, **model_state}, batch["image"], batch["image_size"])
   lut = np.asarray(state.lut)
   for i, (_, persons) in enumerate(_SCENES):
@@ -374,11 +374,9 @@ def test_flip_test_averages_mirrored_embeddings():
   model = ps.create_model(config)
   variables = ps.init_variables(model, config, jax.random.PRNGKey(0))
   batch = _batch()
-  flip_config = _config()
-  flip_config.eval = ml_collections.ConfigDict(dict(flip_test=True))
-  embed = lambda cfg: jax.jit(lambda im, bx, sz: ps.embed_boxes(
-      model, cfg, variables, im, bx, sz))
-  plain, flipped = embed(config), embed(flip_config)
+  embed = lambda flip: jax.jit(lambda im, bx, sz: ps.embed_boxes(
+      model, variables, im, bx, sz, flip_test=flip))
+  plain, flipped = embed(False), embed(True)
   # The mirrored scenes, built in NumPy.
   images, boxes = batch["image"].copy(), batch["boxes"].copy()
   for i, (h, w) in enumerate(batch["image_size"]):
@@ -398,9 +396,9 @@ def test_flip_test_averages_mirrored_embeddings():
   np.testing.assert_allclose(np.asarray(flipped(images, boxes, sizes))[m],
                              got[m], atol=1e-5)
   # detect(): same boxes as without flipping, flip-averaged embeddings.
-  det = lambda cfg: jax.jit(lambda im, sz: ps.detect(
-      model, cfg, variables, im, sz))(batch["image"], sizes)
-  d0, d1 = det(config), det(flip_config)
+  det = lambda flip: jax.jit(lambda im, sz: ps.detect(
+      model, variables, im, sz, flip_test=flip))(batch["image"], sizes)
+  d0, d1 = det(False), det(True)
   np.testing.assert_array_equal(np.asarray(d0["boxes"]),
                                 np.asarray(d1["boxes"]))
   valid = np.asarray(d1["valid"])
@@ -430,7 +428,7 @@ def test_iterative_box_refinement_matches_numpy_two_pass():
   refined_config.model.roi.refine_iters = 1
   refined_model = ps.create_model(refined_config)
   got = jax.jit(lambda im, sz: ps.detect(
-      refined_model, refined_config, variables, im, sz))(images, sizes)
+      refined_model, variables, im, sz))(images, sizes)
 
   def first_pass(m, im, sz):
     c4 = m.features(im)

@@ -32,10 +32,10 @@ import ml_collections
 from oim_jax import oim
 from oim_jax import ops
 from oim_jax import pretrained as pretrained_lib
-from oim_jax.data import pipeline
 from oim_jax.models import resnet
 from oim_jax.models import roi_heads
 from oim_jax.models import rpn
+from oim_jax.ops import sampling
 from oim_jax.ops.roi_align import DEFAULT_METHOD as _ROI_ALIGN_METHOD
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -255,7 +255,7 @@ class PersonSearch(nn.Module):
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be [B, H, W, 3] uint8, got "
                        f"{images.shape} {images.dtype}")
-    return self.stem(pipeline.normalize(images, _dtype(self.config)))
+    return self.stem(ops.normalize(images, _dtype(self.config)))
 
   def rpn_stride(self) -> int:
     """Stride of the map the RPN reads: config.rpn.stride, 0 = C4's."""
@@ -361,7 +361,7 @@ class PersonSearch(nn.Module):
         lambda x: x.reshape((-1,) + x.shape[2:]), samples)
     stats_mask = None
     if c.embedding_bn_rois == "persons":
-      stats_mask = flat.labels == rpn.FG
+      stats_mask = flat.labels == sampling.FG
     elif c.embedding_bn_rois != "all":
       raise ValueError(f"model.embedding_bn_rois={c.embedding_bn_rois!r}: "
                        "use 'all' or 'persons'")
@@ -602,27 +602,26 @@ def loss_fn(model: PersonSearch, config, params, oim_state, batch, rng,
   return total, aux
 
 
-def detect(model: PersonSearch, config, params, images, image_sizes):
+def detect(model: PersonSearch, params, images, image_sizes, *,
+           flip_test: bool = False):
   """uint8 images [B, H, W, 3], image_sizes [B, 2] (h, w) -> detections.
+
+  flip_test: also embed the boxes in the mirrored images and average (the
+  evaluation's config.eval.flip_test; the boxes are the unflipped image's).
 
   Returns:
     {"boxes" [B, M, 4], "scores" [B, M], "embeddings" [B, M, D],
      "valid" bool [B, M]} with M = config.model.roi.detections_per_image.
   """
-  return model.apply(_variables(params), images, image_sizes,
-                     _flip_test(config), method=PersonSearch.detect)
+  return model.apply(_variables(params), images, image_sizes, flip_test,
+                     method=PersonSearch.detect)
 
 
-def embed_boxes(model: PersonSearch, config, params, images, boxes,
-                image_sizes=None):
+def embed_boxes(model: PersonSearch, params, images, boxes, image_sizes=None,
+                *, flip_test: bool = False):
   """Embeddings of given boxes (e.g. a query's GT box): [B, K, D].
 
-  image_sizes [B, 2] (h, w) is needed with config.eval.flip_test.
+  image_sizes [B, 2] (h, w) is needed with flip_test (as in `detect`).
   """
   return model.apply(_variables(params), images, boxes, image_sizes,
-                     _flip_test(config), method=PersonSearch.embed_images)
-
-
-def _flip_test(config) -> bool:
-  """config.eval.flip_test (False where a config has no eval section)."""
-  return bool("eval" in config and config.eval.get("flip_test", False))
+                     flip_test, method=PersonSearch.embed_images)

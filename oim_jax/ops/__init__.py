@@ -21,5 +21,6 @@ from oim_jax.ops.flip import flip_boxes
 from oim_jax.ops.flip import flip_images
 from oim_jax.ops.nms import batched_nms
 from oim_jax.ops.nms import nms
+from oim_jax.ops.normalize import normalize
 from oim_jax.ops.roi_align import roi_align
 from oim_jax.ops.roi_align import roi_align_per_image

@@ -8,24 +8,18 @@ The model's config comes from DIR/config.json (written by train.py) unless
 --checkpoint_step).
 """
 
-# First: re-executes this command with jemalloc or mimalloc preloaded where
-# installed (as train.py and eval.py do, oim_jax/host_memory.py);
-# OIM_JAX_MALLOC=system turns it off.
-from oim_jax import host_memory  # pylint: disable=g-bad-import-order
-_HOST_MEMORY = host_memory.use_fast_malloc()
-# Then, before JAX starts: XLA's own CPU convolutions instead of YNNPACK's
-# (faster for these layers, oim_jax/xla_flags.py); OIM_JAX_YNN_CONV=1 keeps
-# YNNPACK's.
-from oim_jax import xla_flags  # pylint: disable=g-bad-import-order,g-import-not-at-top
-_XLA_FLAGS = xla_flags.use_fast_cpu_flags()
+# First, before anything imports JAX: on a CPU host, re-executes this command
+# with a faster malloc and sets an XLA:CPU flag (oim_jax/cpu_host/); on GPU
+# and TPU hosts it changes nothing.
+from oim_jax import cpu_host  # pylint: disable=g-bad-import-order
+_CPU_HOST = cpu_host.set_up()
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from oim_jax import cli
-from oim_jax import host_info
+from oim_jax import config_defaults
 from oim_jax import eval_lib
 from oim_jax import search_lib
 
@@ -47,10 +41,9 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   if len(FLAGS.box) != 4:
     raise app.UsageError("--box takes four numbers: x1,y1,x2,y2")
-  logging.info(_HOST_MEMORY)
-  logging.info(_XLA_FLAGS)
-  logging.info(host_info.cpu_summary())
+  cpu_host.log(_CPU_HOST)
   config = FLAGS.config or search_lib.config_from_workdir(FLAGS.workdir)
+  config_defaults.validate(config)
   params, step = eval_lib.restore_params(config, FLAGS.workdir,
                                          FLAGS.checkpoint_step)
   box = [float(v) for v in FLAGS.box]

@@ -21,13 +21,14 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, ".")
+from oim_jax import config_defaults  # noqa: E402
 from oim_jax import oim  # noqa: E402
 from oim_jax.models import person_search as ps  # noqa: E402
 
 
 def _config():
   c = ml_collections.ConfigDict()
-  c.model = ps.default_model_config("resnet50")
+  c.model = config_defaults.model_config("resnet50")
   c.oim = ml_collections.ConfigDict(dict(
       loss="oim", num_labeled=5532, queue_size=5000, scalar=30.0,
       momentum=0.5, normalize=True))

@@ -13,7 +13,6 @@ simulated device step (--step_ms) waits for data per batch.
 import argparse
 import io
 import os
-import platform
 import sys
 import tempfile
 import time

@@ -18,7 +18,7 @@ the hour) hits every variant alike.
   turn; also minor page faults and system CPU time per step (getrusage).
 
 Variants:
-  glibc               glibc malloc (train mode: OIM_JAX_JEMALLOC=0)
+  glibc               glibc malloc (train mode: OIM_JAX_MALLOC=system)
   glibc_mallopt       (step mode) glibc with 4 arenas, no mmap, no trim,
                       set by mallopt before JAX starts
   jemalloc            LD_PRELOAD=libjemalloc.so.2, jemalloc's defaults
@@ -48,17 +48,17 @@ import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
-from oim_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from oim_jax.cpu_host import allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-JEMALLOC = host_memory.find_jemalloc() or "libjemalloc.so.2"
-NO_PURGE = host_memory.NO_PURGE
+JEMALLOC = allocator.find_jemalloc() or "libjemalloc.so.2"
+NO_PURGE = allocator.NO_PURGE
 # mimalloc from the cmeel-mimalloc wheel (pip), purging on / off.
-MIMALLOC = host_memory.find_mimalloc() or "libmimalloc.so"
+MIMALLOC = allocator.find_mimalloc() or "libmimalloc.so"
 # Environment per variant. train.py preloads jemalloc itself unless
-# OIM_JAX_JEMALLOC=0; an explicit LD_PRELOAD (with MALLOC_CONF) takes over.
+# OIM_JAX_MALLOC=system; an explicit LD_PRELOAD (with MALLOC_CONF) takes over.
 VARIANTS = {
-    "glibc": {"OIM_JAX_JEMALLOC": "0"},
-    "glibc_mallopt": {"OIM_JAX_JEMALLOC": "0", "OIM_BENCH_MALLOPT": "1"},
+    "glibc": {"OIM_JAX_MALLOC": "system"},
+    "glibc_mallopt": {"OIM_JAX_MALLOC": "system", "OIM_BENCH_MALLOPT": "1"},
     "jemalloc": {"LD_PRELOAD": JEMALLOC, "MALLOC_CONF": ""},
     "jemalloc_no_purge": {"LD_PRELOAD": JEMALLOC, "MALLOC_CONF": NO_PURGE},
     "mimalloc": {"LD_PRELOAD": MIMALLOC},
@@ -123,8 +123,8 @@ def worker(args):
 
 def _env(name: str) -> dict:
   env = {k: v for k, v in os.environ.items()
-         if k not in ("LD_PRELOAD", "MALLOC_CONF", "OIM_JAX_JEMALLOC",
-                      "OIM_JAX_JEMALLOC_REEXEC")}
+         if k not in ("LD_PRELOAD", "MALLOC_CONF", "MIMALLOC_PURGE_DELAY",
+                      "OIM_JAX_MALLOC", "OIM_JAX_MALLOC_REEXEC")}
   env.update(VARIANTS[name])
   return env
 
@@ -268,11 +268,11 @@ def main():
     if args.mode == "train" and name == "glibc_mallopt":
       p.error("glibc_mallopt is a --mode step variant")
     if (name.startswith("jemalloc")
-        and host_memory.find_jemalloc() is None):
+        and allocator.find_jemalloc() is None):
       p.error(f"variant {name}: no libjemalloc.so.2 found (apt-get install "
               "libjemalloc2), or leave the variant out")
     if (name.startswith("mimalloc")
-        and host_memory.find_mimalloc() is None):
+        and allocator.find_mimalloc() is None):
       p.error(f"variant {name}: no libmimalloc found (pip install "
               "cmeel-mimalloc), or leave the variant out")
   if args.rounds is None:

@@ -1,12 +1,13 @@
 """The benchmark suite: one command, JSON + markdown.
 
   python bench/run_suite.py [--quick] [--out bench/results/suite]
-      [--skip torch,breakdown,eval,pipeline,...] [--label "machine kind"]
+      [--skip torch,breakdown,eval,pipeline,...]
+      [--label "date, commit, machine"]
 
 Every measurement runs in its own subprocess with the same environment
 (allocator: what train.py preloads, jemalloc when installed, else mimalloc,
-with purging off (oim_jax/host_memory.py), for the JAX and the torch
-processes alike; XLA_FLAGS as train.py sets them (oim_jax/xla_flags.py);
+with purging off (oim_jax/cpu_host/allocator.py), for the JAX and the torch
+processes alike; XLA_FLAGS as train.py sets them (oim_jax/cpu_host/xla_flags.py);
 OMP/MKL threads = the core count; torch.set_num_threads the same), and
 records the load average before and after it. Rows:
 
@@ -48,9 +49,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-from oim_jax import host_info  # pylint: disable=g-import-not-at-top,wrong-import-position
-from oim_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from oim_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from oim_jax.cpu_host import cpu_info  # pylint: disable=g-import-not-at-top,wrong-import-position
+from oim_jax.cpu_host import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from oim_jax.cpu_host import allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Issue targets and the nominal model cost (ResNet-50 C4 at 900x1500).
 TARGET_GPU_TRAIN_IPS = 150.0
@@ -72,7 +73,7 @@ def bench_env() -> dict[str, str]:
              PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
   # The allocator train.py would preload (jemalloc, else mimalloc; no purge)
   # for JAX and torch alike.
-  env.update(host_memory.preload_env())
+  env.update(allocator.preload_env())
   # And the XLA:CPU flags it sets (XLA's own convolutions, xla_flags.py).
   import jaxlib  # pylint: disable=g-import-not-at-top
   env["XLA_FLAGS"] = xla_flags.cpu_flags(env.get("XLA_FLAGS", ""),
@@ -136,7 +137,7 @@ def machine() -> dict:
   cpu, flags = platform.processor() or platform.machine(), []
   try:
     with open("/proc/cpuinfo") as f:
-      model, flags = host_info.parse_cpuinfo(f.read())
+      model, flags = cpu_info.parse_cpuinfo(f.read())
     cpu = model or cpu
   except OSError:
     pass
@@ -151,8 +152,9 @@ def machine() -> dict:
     np_version = numpy.__version__
   except ImportError:
     np_version = "?"
-  # The ISA decides XLA:CPU's speed (host_info.py): same model name, 2.4x
-  # apart in matmul peak between this project's AVX-512 and AVX2-only VMs.
+  # The ISA decides XLA:CPU's speed (cpu_info.py): same model name, 2.4x
+  # apart in matmul peak between a 2-core AMD EPYC with AVX-512 and a Zen 3
+  # one with AVX2 only.
   return {"cpu": cpu, "isa": flags, "cores": os.cpu_count(),
           "memory_gib": round(mem, 1) if mem else None,
           "python": platform.python_version(), "numpy": np_version,
@@ -354,7 +356,7 @@ def markdown(suite: dict) -> str:
                    f"{r['result']['tflops']:.3f} |")
   if not gpu:
     lines.append("| bfloat16 (GPU) | – | not measured (no GPU in this "
-                 "session) |")
+                 "run) |")
   lines.append("")
 
   lines += ["### Train step (train_lib.train_step under shard_map)", "",
@@ -383,7 +385,7 @@ def markdown(suite: dict) -> str:
         f"{r['load_before'][0]}/{r['load_after'][0]} |")
   if not gpu:
     lines.append("| resnet50 900x1500 (GPU) | 5 | float32, bfloat16 | "
-                 "not measured (no GPU in this session) |" + " |" * 10)
+                 "not measured (no GPU in this run) |" + " |" * 10)
   lines.append("")
 
   lines += ["### Inference (detect + embed; query embeddings)", "",
@@ -410,7 +412,7 @@ def markdown(suite: dict) -> str:
         f"{r['load_before'][0]}/{r['load_after'][0]} |")
   if not gpu:
     lines.append("| resnet50 900x1500 (GPU) | 5 | float32, bfloat16 | "
-                 "not measured (no GPU in this session) |" + " |" * 8)
+                 "not measured (no GPU in this run) |" + " |" * 8)
   lines.append("")
 
   lines += ["### Side by side with torchvision (same machine, same run)", ""]
@@ -454,7 +456,7 @@ def markdown(suite: dict) -> str:
     lines.append(f"| GPU (H100) bf16 train >= {TARGET_GPU_TRAIN_IPS:.0f} "
                  "images/s, inference >= "
                  f"{TARGET_GPU_INFER_IPS:.0f} images/s | not measured (no "
-                 "GPU in this session) | – |")
+                 "GPU in this run) | – |")
   if "cpu_infer_ratio_to_target" in s:
     lines.append(f"| CPU inference time <= {TARGET_CPU_INFER_RATIO}x "
                  f"torchvision | {s['cpu_infer_jax_over_torch']:.2f}x | "
@@ -570,7 +572,7 @@ def main():
                  help="comma list of torch, breakdown, experiment, eval, "
                  "pipeline")
   p.add_argument("--label", default="",
-                 help="heading suffix, e.g. the machine kind")
+                 help="heading suffix, e.g. date, commit and machine")
   p.add_argument("--timeout", type=int, default=900,
                  help="seconds per measurement process")
   p.add_argument("--from_json", default="",

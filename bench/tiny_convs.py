@@ -4,7 +4,7 @@
       [--set model_field=value ...] [--out bench/results/tiny_convs]
 
 Runs as train.py does (jemalloc / mimalloc preloaded, XLA's own CPU
-convolutions: oim_jax/host_memory.py, oim_jax/xla_flags.py), on the
+convolutions: oim_jax/cpu_host/allocator.py, oim_jax/cpu_host/xla_flags.py), on the
 configs/synthetic.py model at 288x480, batch 4, random weights and images.
 
 Parts:
@@ -39,9 +39,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oim_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-host_memory.use_fast_malloc()  # as train.py: re-executes the process
-from oim_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from oim_jax.cpu_host import allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
+allocator.use_fast_malloc()  # as train.py: re-executes the process
+from oim_jax.cpu_host import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 xla_flags.use_fast_cpu_flags()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -49,7 +49,7 @@ import jaxlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from oim_jax import host_info  # pylint: disable=g-import-not-at-top,wrong-import-position
+from oim_jax.cpu_host import cpu_info  # pylint: disable=g-import-not-at-top,wrong-import-position
 from oim_jax.models import person_search as ps  # pylint: disable=g-import-not-at-top,wrong-import-position
 from oim_jax.ops import conv as oconv  # pylint: disable=g-import-not-at-top,wrong-import-position
 import suite_jax  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -204,10 +204,10 @@ def layers_part(iters):
 
 def markdown(res, command, when):
   lines = ["## The synthetic train step, conv by conv (XLA:CPU)", "",
-           f"Date {when}. {host_info.cpu_summary()}; jaxlib "
+           f"Date {when}. {cpu_info.cpu_summary()}; jaxlib "
            f"{jaxlib.__version__}; "
            f"XLA_FLAGS `{os.environ.get('XLA_FLAGS', '')}`; allocator "
-           f"{host_memory.loaded_allocator() or 'system'}. Command: "
+           f"{allocator.loaded_allocator() or 'system'}. Command: "
            f"`{command}`. configs/synthetic.py model at {HEIGHT}x{WIDTH}, "
            f"batch {BATCH}, random weights; medians.", ""]
   if "train_step_ms" in res:
@@ -282,7 +282,7 @@ def main():
   command = "python bench/tiny_convs.py" + "".join(
       f" {x}" for x in sys.argv[1:])
   with open(a.out + ".json", "w") as f:
-    json.dump({"date": when, "command": command, "cpu": host_info.cpu_summary(),
+    json.dump({"date": when, "command": command, "cpu": cpu_info.cpu_summary(),
                "xla_flags": os.environ.get("XLA_FLAGS", ""), **res}, f,
               indent=1)
   with open(a.out + ".md", "w") as f:

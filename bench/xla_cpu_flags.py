@@ -5,18 +5,19 @@
 
 XLA_FLAGS are read when a process starts JAX, so each variant runs in its
 own process (bench/suite_jax.py, one JSON line each), with the allocator
-train.py preloads (host_memory.preload_env), and the variants take turns
-round by round so that the VM's drift hits them alike. Variants:
+train.py preloads (allocator.preload_env), and the variants take turns
+round by round so that the machine's drift hits them alike. Variants:
 
   ynn_default   XLA_FLAGS unset: jaxlib 0.10's default, YNNPACK for dots,
                 convolutions, reductions, elementwise fusions
   no_ynn_conv   --xla_cpu_experimental_ynn_fusion_type=-individual_convolution:
-                what train.py / eval.py / search.py set in sessions 12-14
+                what train.py / eval.py / search.py set from 36a8053
+                to 20520f3
   no_ynn        --xla_cpu_experimental_ynn_fusion_type= : no YNNPACK at all
   no_ynn_dot    ...=-individual_dot: YNNPACK for all but dots
   no_ynn_conv_dot ...=-individual_convolution,-individual_dot: XLA's own
                 convolutions and unfused dots, YNNPACK for the rest; what
-                the entry points set since session 15 (oim_jax/xla_flags.py)
+                the entry points set since 20520f3 (oim_jax/cpu_host/xla_flags.py)
   no_ynn_conv_dot_{fused_dot,reduce,eltwise}: that, plus YNNPACK's fused
                 dots / reductions / elementwise fusions off
 
@@ -38,9 +39,9 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-from oim_jax import host_info  # pylint: disable=g-import-not-at-top,wrong-import-position
-from oim_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-from oim_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from oim_jax.cpu_host import cpu_info  # pylint: disable=g-import-not-at-top,wrong-import-position
+from oim_jax.cpu_host import allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
+from oim_jax.cpu_host import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 VARIANTS = {
     "ynn_default": "",
@@ -68,7 +69,7 @@ ROWS_R50 = [("ResNet-50 train step", ["train"] + R50 + ["--steps", "4"],
 
 
 def measure(argv: list[str], flags: str) -> dict:
-  env = dict(os.environ, XLA_FLAGS=flags, **host_memory.preload_env())
+  env = dict(os.environ, XLA_FLAGS=flags, **allocator.preload_env())
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   p = subprocess.run([sys.executable, os.path.join(HERE, "suite_jax.py")]
                      + argv, cwd=ROOT, env=env, capture_output=True,
@@ -127,8 +128,8 @@ def main():
               flush=True)
   import jaxlib  # pylint: disable=g-import-not-at-top
   out = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-         "host": host_info.cpu_summary(), "jaxlib": jaxlib.__version__,
-         "allocator": host_memory.preload_env().get("LD_PRELOAD", ""),
+         "host": cpu_info.cpu_summary(), "jaxlib": jaxlib.__version__,
+         "allocator": allocator.preload_env().get("LD_PRELOAD", ""),
          "command": "python bench/xla_cpu_flags.py " + " ".join(sys.argv[1:]),
          "rounds": args.rounds, "variants": variants, "rows": results}
   with open(args.out + ".json", "w") as f:

@@ -1,8 +1,17 @@
-"""The full set of config fields, with the reference (CUHK-SYSU) defaults.
+"""The config schema: every field, its reference (CUHK-SYSU) default, and
+`validate`, the one check of the values.
 
 Every configs/*.py starts from `base_config()` and overrides what differs, so
 a misspelled override (`--config.train.lrr=...`) fails: the dict is locked.
+`validate(config)` runs before anything compiles (train.py, eval.py,
+search.py) and names the field and its allowed values in every error. What
+each option measured: docs/configs.md.
 """
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional
 
 import ml_collections
 
@@ -32,9 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tfds_dir = ""
   c.data.synthetic = ml_collections.ConfigDict()  # generator sizes
 
-  # Model (backbone, RPN, RoI heads): see oim_jax/models/person_search.py.
-  from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
-  c.model = person_search.default_model_config()
+  # Model (backbone, RPN, RoI heads): see model_config() below.
+  c.model = model_config()
 
   # OIM: see oim_jax/oim.py.
   c.oim = ml_collections.ConfigDict()
@@ -83,3 +91,266 @@ def base_config() -> ml_collections.ConfigDict:
   # augmentation; one more backbone pass per image).
   c.eval.flip_test = False
   return c
+
+
+def model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
+  """`config.model`: every field of the network, with the reference values.
+
+  Args:
+    preset: "resnet50" (DESIGN §3 reference setup) or "tiny" (ResNet-18
+      layout, width 8, from scratch: tests and the synthetic dataset).
+  """
+  c = ml_collections.ConfigDict()
+  # Backbone (oim_jax/models/resnet.py).
+  c.depth = 50  # 18 | 34 | 50 | 101
+  c.width = 64  # conv1 channels / first-stage planes (64 = ImageNet ResNet)
+  c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params float32)
+  c.freeze_at = 2  # 0 none, 1 conv1, 2 conv1+res2 (default), ... 4 the stem
+  c.train_bn = False  # train the folded BN affines (only sensible from scratch)
+  c.zero_init_residual = False  # zero-init last BN of each block (scratch)
+  c.norm_groups = 0  # 0: frozen BN; > 0: GroupNorm groups (from scratch)
+  c.pretrained = ""  # converted ImageNet weights (.npz/.msgpack), see README
+  # Residual blocks in res5 (the per-RoI head); 0 = the depth's own.
+  # Experimental: fewer blocks cost mAP (docs/configs.md).
+  c.head_blocks = 0
+  c.stride = 16  # of C4: 16, or 8 (res4 unstrided, for small people)
+  # conv1 as a 4x4 conv over 2x2 pixel blocks: same numbers, faster on CPU
+  # for narrow stems (resnet.StemConv); slower at ResNet-50's 64 channels.
+  # Used only when create_model's platform is CPU.
+  c.stem_space_to_depth = False
+  # 3x3 convs with at least this many input channels compute their weight
+  # gradient as one im2col matmul (resnet.Conv3x3; same numbers up to float
+  # rounding): on XLA:CPU 2.2x faster for ResNet-50's RPN conv, 1.4-2.1x
+  # for res5's, the ResNet-50 train step 3-10 % faster. -1 = auto, for
+  # create_model's platform: 512 on CPU (the RPN and res5; narrower layers
+  # gain little for the patches' memory), 0 (never: XLA's own conv
+  # gradient) on GPU/TPU.
+  c.wgrad_im2col_min_channels = -1
+  # Anchors (one feature map, stride 16); ratio = h / w as torchvision.
+  c.anchor_sizes = (32, 64, 128, 256, 512)
+  c.anchor_ratios = (0.5, 1.0, 2.0)
+  # RPN (oim_jax/models/rpn.py).
+  c.rpn = ml_collections.ConfigDict()
+  c.rpn.channels = 0  # 3x3 conv channels; 0 = C4 channels (1024)
+  # Stride of the RPN's map: 0 = C4's; 16 with stride 8: C4 averaged over 2x2.
+  c.rpn.stride = 0
+  c.rpn.fg_iou = 0.7  # anchor fg iff IoU >= 0.7 (plus each GT's best)
+  c.rpn.bg_iou = 0.3  # anchor bg iff IoU < 0.3
+  c.rpn.batch_size = 256  # sampled anchors per image
+  c.rpn.fg_fraction = 0.5
+  c.rpn.pre_nms_top_n_train = 12000
+  c.rpn.post_nms_top_n_train = 2000
+  c.rpn.pre_nms_top_n_test = 6000
+  c.rpn.post_nms_top_n_test = 300
+  c.rpn.nms_thresh = 0.7
+  c.rpn.min_size = 1e-3  # drop proposals narrower/shorter than this (px)
+  c.rpn.smooth_l1_beta = 1.0 / 9
+  # RoI heads (oim_jax/models/roi_heads.py).
+  c.roi = ml_collections.ConfigDict()
+  c.roi.batch_size = 128  # sampled RoIs per image
+  c.roi.fg_fraction = 0.5  # PyTorch ports 0.5, Caffe original 0.25
+  c.roi.fg_iou = 0.5  # RoI fg iff IoU >= 0.5
+  c.roi.bg_iou = 0.5  # RoI bg iff bg_iou_lo <= IoU < 0.5
+  c.roi.bg_iou_lo = 0.0
+  c.roi.pool_size = 14  # RoIAlign output (res5 halves it to 7)
+  # Input of the person classifier / box regressor: "pooled" (the paper) or
+  # "spatial" (flattened res5 map; needed from scratch, see roi_heads.py).
+  c.roi.det_features = "pooled"
+  # The same for the identity embedding, plus "stripes" (the res5 map
+  # averaged over its width: head / torso / legs, mirror-invariant).
+  c.roi.embedding_features = "pooled"
+  c.roi.sampling_ratio = 2
+  c.roi.aligned = False  # torchvision RoIAlign `aligned`
+  c.roi.score_thresh = 0.5  # test: person score threshold
+  c.roi.nms_thresh = 0.4  # test: NMS between detections
+  c.roi.detections_per_image = 100  # test: M, padded with valid=False
+  c.roi.min_size = 1e-2
+  c.roi.smooth_l1_beta = 1.0 / 9
+  # Test: feed the regressed boxes back through the box head this many more
+  # times (scores averaged over the passes); 0 = one pass (the paper).
+  c.roi.refine_iters = 0
+  # Identity embedding.
+  c.embedding_dim = 256
+  # "none" | "batchnorm" (BN neck, state in `batch_stats`) | "layernorm"
+  c.embedding_norm = "none"
+  # RoIs whose projections form the BN neck's batch statistics in training:
+  # "all" sampled RoIs (half background) or "persons" (fg RoIs only, the
+  # population it normalises at test time).
+  c.embedding_bn_rois = "all"
+  # Loss weights (total = sum of weight * loss).
+  c.loss_weights = ml_collections.ConfigDict(dict(
+      rpn_cls=1.0, rpn_reg=1.0, det_cls=1.0, det_reg=1.0, reid=1.0))
+  if preset == "tiny":
+    c.depth, c.width = 18, 8
+    c.freeze_at, c.train_bn, c.zero_init_residual = 0, True, True
+    c.stem_space_to_depth = True
+    # From scratch, post-ReLU RoI features all point the same way: the BN
+    # neck spreads the embeddings so that OIM has a gradient to follow.
+    c.embedding_norm = "batchnorm"
+    c.anchor_sizes = (16, 32, 64, 128)
+    c.rpn.pre_nms_top_n_train, c.rpn.post_nms_top_n_train = 600, 150
+    c.rpn.pre_nms_top_n_test, c.rpn.post_nms_top_n_test = 300, 50
+    c.roi.batch_size = 32
+    c.roi.detections_per_image = 16
+    c.embedding_dim = 64
+  elif preset != "resnet50":
+    raise ValueError(f"unknown model preset {preset!r}: use 'resnet50' or "
+                     "'tiny'")
+  return c
+
+
+# Fields with a closed set of values (None: any, checked in _RULES below).
+CHOICES = {
+    "parallelism": ("shard_map", "pmap"),
+    "data.dataset": ("synthetic", "cuhk_sysu", "prw"),
+    "data.too_many_gt": ("error", "truncate"),
+    "model.depth": (18, 34, 50, 101),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.freeze_at": (0, 1, 2, 3, 4),
+    "model.stride": (16, 8),
+    "model.roi.det_features": ("pooled", "spatial"),
+    "model.roi.embedding_features": ("pooled", "spatial", "stripes"),
+    "model.embedding_norm": ("none", "batchnorm", "layernorm"),
+    "model.embedding_bn_rois": ("all", "persons"),
+    "oim.loss": ("oim", "softmax"),
+    "train.optimizer": ("sgd", "adam"),
+    "train.schedule_unit": ("epoch", "step"),
+    "train.lr_decay": ("step", "cosine"),
+}
+
+
+def _int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+# field -> (test, what the field accepts).
+_RULES = {
+    "seed": (_int, "an integer"),
+    "data.min_size": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "data.max_size": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "data.max_gt": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "data.num_workers": (lambda v: _int(v) and v >= 0, "0 or more threads"),
+    "data.prefetch_batches": (lambda v: _int(v) and v >= 1, "1 or more"),
+    "model.width": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "model.head_blocks": (lambda v: _int(v) and v >= 0,
+                          "0 (the depth's own res5) or a block count"),
+    "model.wgrad_im2col_min_channels": (
+        lambda v: _int(v) and v >= -1,
+        "-1 (auto), 0 (never) or a channel count"),
+    "model.embedding_dim": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "model.rpn.batch_size": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "model.rpn.fg_fraction": (lambda v: _num(v) and 0 < v <= 1,
+                              "a fraction in (0, 1]"),
+    "model.roi.batch_size": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "model.roi.fg_fraction": (lambda v: _num(v) and 0 < v <= 1,
+                              "a fraction in (0, 1]"),
+    "model.roi.refine_iters": (lambda v: _int(v) and v >= 0, "0 or more"),
+    "oim.num_labeled": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "oim.queue_size": (lambda v: _int(v) and v >= 0, "0 or more"),
+    "oim.scalar": (lambda v: _num(v) and v > 0, "a positive number"),
+    "oim.momentum": (lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "train.batch_size": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "train.epochs": (lambda v: _num(v) and v >= 0, "0 or more"),
+    "train.num_steps": (lambda v: _int(v) and v >= 0,
+                        "0 (use epochs) or a step count"),
+    "train.lr": (lambda v: _num(v) and v > 0, "a positive number"),
+    "train.ema_decay": (lambda v: _num(v) and 0 <= v < 1,
+                        "0 (off) or a decay in (0, 1), e.g. 0.998"),
+    "train.log_every": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "train.checkpoint_every": (lambda v: _int(v) and v > 0,
+                               "a positive step count"),
+    "eval.every_steps": (lambda v: _int(v) and v >= 0,
+                         "0 (only at the end) or a step count"),
+    "eval.gallery_size": (lambda v: _int(v) and (v == -1 or v > 0),
+                          "-1 (the whole test set) or a gallery size"),
+    "eval.batch_size": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "eval.det_thresh": (lambda v: _num(v) and 0 <= v <= 1,
+                        "a score in [0, 1]"),
+}
+
+_MISSING = object()
+
+
+def _lookup(config, path: str) -> Any:
+  node = config
+  for key in path.split("."):
+    try:
+      node = node[key]
+    except (KeyError, TypeError, AttributeError):
+      return _MISSING
+  return node
+
+
+def choice_error(field: str, value: Any) -> str:
+  """The message for a value of `field` outside CHOICES[field]."""
+  allowed = ", ".join(repr(v) for v in CHOICES[field])
+  return f"config.{field}={value!r}: use one of {allowed}"
+
+
+def _errors(config, fields) -> list[str]:
+  errors = []
+  for field in fields:
+    value = _lookup(config, field)
+    if value is _MISSING:
+      continue  # absent in a config.json written before the field existed
+    if field in CHOICES:
+      if value not in CHOICES[field]:
+        errors.append(choice_error(field, value))
+    else:
+      test, accepts = _RULES[field]
+      if not test(value):
+        errors.append(f"config.{field}={value!r}: use {accepts}")
+  return errors
+
+
+def _cross_field_errors(config) -> list[str]:
+  errors = []
+  data, model = config.get("data"), config.get("model")
+  if data is not None and "min_size" in data and "max_size" in data:
+    if _int(data.max_size) and _int(data.min_size) and (
+        data.max_size < data.min_size):
+      errors.append(f"config.data.max_size={data.max_size} is below "
+                    f"config.data.min_size={data.min_size}: use max_size >= "
+                    "min_size")
+  if model is not None and "rpn" in model:
+    allowed = (0, model.get("stride", 16), 16)
+    if model.rpn.get("stride", 0) not in allowed:
+      errors.append(f"config.model.rpn.stride={model.rpn.stride!r}: use 0 "
+                    f"(C4's own) or 16 (C4 averaged over 2x2 cells when "
+                    f"config.model.stride=8)")
+  return errors
+
+
+def validate_model(config) -> None:
+  """The model's and OIM's fields of `validate` (create_model calls this)."""
+  fields = [f for f in (*CHOICES, *_RULES)
+            if f.startswith(("model.", "oim."))]
+  errors = _errors(config, fields)
+  errors += [e for e in _cross_field_errors(config) if "model." in e]
+  if errors:
+    raise ValueError("; ".join(errors))
+
+
+def validate(config, num_devices: Optional[int] = None) -> None:
+  """Checks every field with a rule; raises one ValueError naming all bad ones.
+
+  Args:
+    config: a full config (from base_config() and a configs/*.py, or a
+      run's config.json). Fields it lacks are skipped.
+    num_devices: when given, train.batch_size must be a multiple of it (the
+      global batch is split evenly over the devices).
+  """
+  errors = _errors(config, (*CHOICES, *_RULES)) + _cross_field_errors(config)
+  if num_devices and not errors:
+    batch = _lookup(config, "train.batch_size")
+    if batch is not _MISSING and batch % num_devices:
+      errors.append(
+          f"config.train.batch_size={batch} must be a multiple of the number "
+          f"of devices ({num_devices}); scale config.train.lr with it "
+          "(lr = 0.003 x batch_size / 5 for the ResNet-50 recipes)")
+  if errors:
+    raise ValueError("; ".join(errors))

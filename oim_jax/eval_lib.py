@@ -26,13 +26,18 @@ import jax
 from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
+import tqdm
 
 from oim_jax import checkpointing
 from oim_jax import ema
 from oim_jax import evaluation
 from oim_jax import parallel
+from oim_jax.data import cuhk_sysu
+from oim_jax.data import datasets as data_lib
+from oim_jax.data import pipeline
 from oim_jax.data import sources
 from oim_jax.data.dataset import ImageAnnotation, SearchDataset, query_annotations
+from oim_jax.models import person_search
 
 RAW_FILE = "raw_outputs.npz"
 
@@ -50,7 +55,6 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     (variables {"params", and "batch_stats" with the BN neck}, step).
   """
-  from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
   model = person_search.create_model(config)
   abstract = jax.eval_shape(
       lambda k: person_search.init_variables(model, config, k,
@@ -92,8 +96,6 @@ class Inference:
 
   def __init__(self, config: ml_collections.ConfigDict, params: Any,
                mesh: Optional[jax.sharding.Mesh] = None):
-    from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    from oim_jax.models import person_search  # pylint: disable=g-import-not-at-top
     self.config = config
     self.mesh = parallel.make_mesh() if mesh is None else mesh
     self.batch_size = eval_batch_size(config, self.mesh.devices.size)
@@ -139,7 +141,6 @@ class Inference:
 
   def _batches(self, annotations: Sequence[ImageAnnotation], what: str,
                source: Optional[sources.ImageSource]):
-    from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     if source is None:
       source = sources.AnnotationSource(annotations)
     it = pipeline.EvalIterator(source,
@@ -208,7 +209,6 @@ def run_inference(config: ml_collections.ConfigDict, params: Any,
   if inference is None:
     inference = Inference(config, params)
   inference.params = params
-  from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   detections = inference.detect(
       dataset.gallery, "gallery",
       pipeline.dataset_source(dataset, "gallery", config.data))
@@ -224,7 +224,6 @@ def _progress(batches, total, what, interactive=None):
   if interactive is None:
     interactive = sys.stderr.isatty()
   if interactive:
-    import tqdm  # pylint: disable=g-import-not-at-top
     with tqdm.tqdm(total=total, desc=what, unit="batch",
                    dynamic_ncols=True) as bar:
       for batch in batches:
@@ -245,7 +244,6 @@ def _subset_metrics(dataset, detections, query_emb, eval_config) -> dict:
 
   Keys "occlusion_mAP", "occlusion_top1", ... (empty for other datasets).
   """
-  from oim_jax.data import cuhk_sysu  # pylint: disable=g-import-not-at-top
   if not dataset.protocols or not os.path.isdir(dataset.root):
     return {}
   out = {}
@@ -270,7 +268,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   `inference` (optional) is reused instead of compiling a new one.
   """
-  from oim_jax.data import datasets as data_lib  # pylint: disable=g-import-not-at-top
 
   out_dir = epath.Path(workdir) / "eval"
   raw_path = out_dir / RAW_FILE

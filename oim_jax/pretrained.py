@@ -30,6 +30,7 @@ from typing import Dict, Mapping, Tuple
 
 import flax
 import numpy as np
+from safetensors.numpy import load_file
 
 from oim_jax.models import resnet
 
@@ -41,7 +42,6 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   if not os.path.exists(path):
     raise FileNotFoundError(f"pretrained weights file not found: {path}")
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     return dict(load_file(path))
   if path.endswith(".npz"):
     with np.load(path, allow_pickle=False) as f:

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from oim_jax import config_defaults
 from oim_jax import eval_lib
 from oim_jax.data.dataset import ImageAnnotation
 
@@ -43,7 +44,6 @@ def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(
         f"{path} not found: pass --config=<the training config> or point "
         "--workdir at a directory written by train.py.")
-  from oim_jax import config_defaults  # pylint: disable=g-import-not-at-top
   with open(path) as f:
     stored = json.load(f)
   config = config_defaults.base_config()
@@ -107,6 +107,7 @@ def search(config: ml_collections.ConfigDict, params, query_image: str,
 def draw(query_image: str, query_box: Sequence[float],
          matches: Sequence[Match], out_path: str, columns: int = 5):
   """Query crop, then one panel per match with its box and similarity."""
+  # Imported here: the headless backend must be chosen before pyplot loads.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.patches as patches  # pylint: disable=g-import-not-at-top

@@ -25,13 +25,17 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tensorboardX import SummaryWriter
 
 from oim_jax import checkpointing
+from oim_jax import config_defaults
 from oim_jax import ema as ema_lib
 from oim_jax import eval_lib
 from oim_jax import oim
 from oim_jax import optim
 from oim_jax import parallel
+from oim_jax.data import datasets as data_lib
+from oim_jax.data import pipeline
 from oim_jax.models import person_search
 
 
@@ -250,23 +254,6 @@ class _CompileCounter:
     jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
-def _check_config(config: ml_collections.ConfigDict):
-  """Fails fast (before any compilation) on settings that cannot work."""
-  if config.parallelism not in ("shard_map", "pmap"):
-    raise ValueError("config.parallelism must be 'shard_map' or 'pmap', got "
-                     f"{config.parallelism!r}")
-  if config.oim.loss not in ("oim", "softmax"):
-    raise ValueError(f"config.oim.loss must be 'oim' or 'softmax', got "
-                     f"{config.oim.loss!r}")
-  ema_lib.decay(config)  # raises on a decay outside [0, 1)
-  n = jax.device_count()
-  if config.train.batch_size % n:
-    raise ValueError(
-        f"config.train.batch_size={config.train.batch_size} must be a "
-        f"multiple of the number of devices ({n}); see the README's "
-        "linear-scaling rule for the learning rate.")
-
-
 def create_model_and_state(config: ml_collections.ConfigDict,
                            steps_per_epoch: int, init_rng, *,
                            platform: Optional[str] = None,
@@ -441,14 +428,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     the final metrics dict (training losses of the last logging window, and
     the evaluation metrics when `config.eval.at_end`).
   """
-  from oim_jax.data import datasets as data_lib  # pylint: disable=g-import-not-at-top
-  from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   if config.get("distributed", False):
     # Before any other JAX call (train.py has usually done it already, with
     # its --coordinator_address flags).
     parallel.initialize_distributed()
-  _check_config(config)
+  # Fails fast, before any compilation, naming the field and its values.
+  config_defaults.validate(config, num_devices=jax.device_count())
   workdir = checkpointing.workdir_path(workdir)
   primary = jax.process_index() == 0
   if primary:
@@ -576,7 +562,6 @@ def _to_floats(metrics, mode) -> dict[str, float]:
 def _summary_writer(workdir: str):
   if jax.process_index() != 0:
     return _NullWriter()
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   # tensorboardX writes gs:// itself (with google-cloud-storage installed).
   return SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
@@ -595,6 +580,7 @@ class _NullWriter:
 
 def plot_curves(rows: list[dict[str, Any]], path: str):
   """Loss terms and evaluation metrics over steps, as one PNG."""
+  # Imported here: the headless backend must be chosen before pyplot loads.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

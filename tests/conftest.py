@@ -3,9 +3,9 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The XLA:CPU flags train.py runs with (oim_jax/xla_flags.py), set before JAX
+# The XLA:CPU flags train.py runs with (oim_jax/cpu_host/xla_flags.py), set before JAX
 # starts: the tests check the code paths users run, and run faster.
-from oim_jax import xla_flags  # noqa: E402  pylint: disable=g-import-not-at-top
+from oim_jax.cpu_host import xla_flags  # noqa: E402  pylint: disable=g-import-not-at-top
 xla_flags.use_fast_cpu_flags()
 
 import jax  # noqa: E402

@@ -55,7 +55,7 @@ def test_suite_markdown_renders_the_committed_results():
       suite = json.load(f)
     md = run_suite.markdown(suite)
     # The im2col A/B row whenever that run measured it (--skip experiment
-    # leaves it out: session 15's suite_avx2_s15).
+    # leaves it out: the 26d8a82 run, suite_avx2_dots).
     measured = any(r["name"].startswith("experiment:") and r.get("result")
                    for r in suite["records"])
     assert ("| XLA weight gradients |" in md) == measured, path

@@ -11,7 +11,6 @@ only that the checkpoint manager is given the URI itself, not a local path
 """
 
 import json
-import sys
 
 from etils import epath
 import fsspec

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from conftest import np_decode, np_greedy_nms
+from oim_jax import config_defaults
 from oim_jax import oim
 from oim_jax.models import person_search as ps
 from oim_jax.models import resnet
@@ -38,7 +39,7 @@ _MAX_GT = 4
 
 def _config(loss="oim"):
   c = ml_collections.ConfigDict()
-  c.model = ps.default_model_config("tiny")
+  c.model = config_defaults.model_config("tiny")
   c.model.rpn.pre_nms_top_n_train = 300
   c.model.rpn.post_nms_top_n_train = 64
   c.model.rpn.pre_nms_top_n_test = 200
@@ -146,7 +147,7 @@ def test_shapes_dtypes_single_compile_and_embeddings():
 
 def test_resnet50_model_params_mask_and_softmax_variant():
   config = _config("softmax")
-  config.model = ps.default_model_config("resnet50")
+  config.model = config_defaults.model_config("resnet50")
   model = ps.create_model(config)
   shapes = jax.eval_shape(
       lambda k: ps.init_params(model, config, k, pretrained=False),
@@ -192,7 +193,7 @@ def test_bad_config_errors():
   with pytest.raises(ValueError, match="config.oim.loss"):
     ps.create_model(config)
   with pytest.raises(ValueError, match="preset"):
-    ps.default_model_config("resnet9000")
+    config_defaults.model_config("resnet9000")
   for field, value in (("stride", 4), ("embedding_bn_rois", "fg"),
                        ("roi.det_features", "flat"),
                        ("roi.embedding_features", "avg"),
@@ -207,13 +208,13 @@ def test_bad_config_errors():
 
 def test_wgrad_im2col_auto_is_512_on_cpu_and_old_configs_get_it():
   assert jax.default_backend() == "cpu"
-  model_config = ps.default_model_config("resnet50")
+  model_config = config_defaults.model_config("resnet50")
   assert model_config.wgrad_im2col_min_channels == -1
   assert ps.wgrad_im2col_min_channels(model_config) == 512
   model_config.wgrad_im2col_min_channels = 0
   assert ps.wgrad_im2col_min_channels(model_config) == 0
   # config.json of runs from before the field existed.
-  old = ml_collections.ConfigDict(ps.default_model_config("tiny").to_dict())
+  old = ml_collections.ConfigDict(config_defaults.model_config("tiny").to_dict())
   del old["wgrad_im2col_min_channels"]
   assert ps.wgrad_im2col_min_channels(old) == 512
 
@@ -249,7 +250,7 @@ def test_create_model_rejects_an_unknown_platform():
   with pytest.raises(ValueError, match="platform='metal'"):
     ps.create_model(_config(), platform="metal")
   with pytest.raises(ValueError, match="platform="):
-    ps.wgrad_im2col_min_channels(ps.default_model_config(), platform="xpu")
+    ps.wgrad_im2col_min_channels(config_defaults.model_config(), platform="xpu")
 
 
 @pytest.mark.parametrize("platform", ["cpu", "tpu"])

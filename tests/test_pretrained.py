@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from oim_jax import config_defaults
 from oim_jax import pretrained
 from oim_jax.models import resnet
 
@@ -183,7 +184,7 @@ def test_model_init_loads_the_file_into_a_shortened_res5(tmp_path, head_blocks):
   np.savez(src, **sd)
   assert pretrained.main(["x", "convert", src, out]) == 0
   c = ml_collections.ConfigDict()
-  c.model = ps.default_model_config("tiny")
+  c.model = config_defaults.model_config("tiny")
   c.model.pretrained = out
   c.model.head_blocks = head_blocks
   c.oim = ml_collections.ConfigDict(dict(

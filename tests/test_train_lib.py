@@ -40,7 +40,7 @@ def test_same_seed_is_bit_identical_and_resume_matches(tiny_synthetic_root,
   config = tiny_train_config(tiny_synthetic_root)
   out_a = train_lib.train_and_evaluate(config, str(tmp_path / "a"))
   out_b = train_lib.train_and_evaluate(config, str(tmp_path / "b"))
-  assert np.isfinite(out_a["loss"])
+  assert np.isfinite(out_a["loss"]) and out_a["loss"] == out_b["loss"]
   assert out_a["step_compilations"] <= 2  # one per canvas bucket at most
   step_a, state_a = _final_state(str(tmp_path / "a"))
   step_b, state_b = _final_state(str(tmp_path / "b"))

@@ -6,6 +6,9 @@ import os
 
 import ml_collections
 
+from oim_jax.data import cuhk_sysu
+from oim_jax.data import prw
+from oim_jax.data import synthetic
 from oim_jax.data.dataset import SearchDataset
 
 DATASETS = ("synthetic", "cuhk_sysu", "prw")
@@ -20,7 +23,6 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> SearchDataset:
   name = data_config.dataset
   root = os.path.expanduser(data_config.root)
   if name == "synthetic":
-    from oim_jax.data import cuhk_sysu, synthetic  # pylint: disable=g-import-not-at-top
     try:
       synthetic.ensure_synthetic(root, **dict(data_config.synthetic))
     except synthetic.StaleDatasetError as e:
@@ -30,10 +32,8 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> SearchDataset:
       ) from e
     return cuhk_sysu.load(root, name="synthetic", check_counts=False)
   if name == "cuhk_sysu":
-    from oim_jax.data import cuhk_sysu  # pylint: disable=g-import-not-at-top
     return cuhk_sysu.load(root)
   if name == "prw":
-    from oim_jax.data import prw  # pylint: disable=g-import-not-at-top
     return prw.load(root)
   raise ValueError(f"config.data.dataset must be one of {DATASETS}, got "
                    f"{name!r}.")

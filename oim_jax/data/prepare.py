@@ -19,6 +19,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from oim_jax.data import synthetic
 from oim_jax.data import tfds_builders
 
 _DATASET = flags.DEFINE_enum("dataset", None, sorted(tfds_builders.BUILDERS),
@@ -32,7 +33,6 @@ flags.mark_flags_as_required(["dataset"])
 
 
 def _generate_synthetic(root: str):
-  from oim_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   if os.path.isdir(root) and os.listdir(root):
     return
   logging.info("Generating the synthetic dataset into %s", root)

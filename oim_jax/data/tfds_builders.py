@@ -35,7 +35,9 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from oim_jax.data import cuhk_sysu
 from oim_jax.data import dataset as data_lib
+from oim_jax.data import prw
 from oim_jax.data import sources
 from oim_jax.data.dataset import ImageAnnotation, SearchDataset
 
@@ -136,7 +138,6 @@ class CuhkSysu(_SearchBuilder):
   """
 
   def _load(self, manual_dir):
-    from oim_jax.data import cuhk_sysu  # pylint: disable=g-import-not-at-top
     return cuhk_sysu.load(manual_dir)
 
 
@@ -155,7 +156,6 @@ class Prw(_SearchBuilder):
   """
 
   def _load(self, manual_dir):
-    from oim_jax.data import prw  # pylint: disable=g-import-not-at-top
     return prw.load(manual_dir)
 
 
@@ -170,7 +170,6 @@ class Synthetic(_SearchBuilder):
   """
 
   def _load(self, manual_dir):
-    from oim_jax.data import cuhk_sysu  # pylint: disable=g-import-not-at-top
     return cuhk_sysu.load(manual_dir, name="synthetic", check_counts=False)
 
 

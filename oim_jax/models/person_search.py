@@ -1,7 +1,6 @@
 """The person-search network: ResNet stem -> RPN -> RoIAlign -> res5 -> heads.
 
 Public faces (the train/eval libraries call these):
-  default_model_config(preset="resnet50")       -> config.model ConfigDict
   create_model(config, axis_name=None, platform=None) -> PersonSearch
   init_variables(model, config, rng, pretrained=True) -> {"params", ...}
   init_params(model, config, rng, pretrained=True) -> params
@@ -10,11 +9,13 @@ Public faces (the train/eval libraries call these):
           model_state=None, axis_name=None)
       -> (total_loss, aux{"losses", "embeddings" [B*R, D], "pids" [B*R],
                           "model_state"})
-  detect(model, config, variables, images, image_sizes)
+  detect(model, variables, images, image_sizes, *, flip_test=False)
       -> {"boxes" [B,M,4], "scores" [B,M], "embeddings" [B,M,D], "valid" [B,M]}
-  embed_boxes(model, config, variables, images, boxes [B,K,4]) -> [B,K,D]
+  embed_boxes(model, variables, images, boxes [B,K,4], image_sizes=None, *,
+              flip_test=False) -> [B,K,D]
 
-`config` is the full config (`config.model`, `config.oim`); `params` is the
+`config` is the full config (`config.model`, `config.oim`; the fields and
+their defaults: oim_jax/config_defaults.py); `params` is the
 'params' collection; `variables` the params alone or the full variables dict
 ({"params", "batch_stats"} with the BatchNorm neck). Images are uint8 [B, H, W, 3] canvases (H, W multiples of
 32), normalised on device. All shapes are static; boxes are float32 pixels
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from oim_jax import config_defaults
 from oim_jax import oim
 from oim_jax import ops
 from oim_jax import pretrained as pretrained_lib
@@ -39,112 +41,6 @@ from oim_jax.ops import sampling
 from oim_jax.ops.roi_align import DEFAULT_METHOD as _ROI_ALIGN_METHOD
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def default_model_config(preset: str = "resnet50") -> ml_collections.ConfigDict:
-  """`config.model`: every field of the network, with the reference values.
-
-  Args:
-    preset: "resnet50" (DESIGN §3 reference setup) or "tiny" (ResNet-18
-      layout, width 8, from scratch: tests and the synthetic dataset).
-  """
-  c = ml_collections.ConfigDict()
-  # Backbone (oim_jax/models/resnet.py).
-  c.depth = 50  # 18 | 34 | 50 | 101
-  c.width = 64  # conv1 channels / first-stage planes (64 = ImageNet ResNet)
-  c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params float32)
-  c.freeze_at = 2  # 0 none, 1 conv1, 2 conv1+res2 (default), ... 4 the stem
-  c.train_bn = False  # train the folded BN affines (only sensible from scratch)
-  c.zero_init_residual = False  # zero-init last BN of each block (scratch)
-  c.norm_groups = 0  # 0: frozen BN; > 0: GroupNorm groups (from scratch)
-  c.pretrained = ""  # converted ImageNet weights (.npz/.msgpack), see README
-  # Residual blocks in res5 (the per-RoI head); 0 = the depth's own. On the
-  # synthetic default one block cut the step 25 % and mAP 86 -> 76
-  # (bench/results/training.md, "Session 14").
-  c.head_blocks = 0
-  c.stride = 16  # of C4: 16, or 8 (res4 unstrided, for small people)
-  # conv1 as a 4x4 conv over 2x2 pixel blocks: same numbers, faster on CPU
-  # for narrow stems (resnet.StemConv); slower at ResNet-50's 64 channels.
-  # Used only when create_model's platform is CPU.
-  c.stem_space_to_depth = False
-  # 3x3 convs with at least this many input channels compute their weight
-  # gradient as one im2col matmul (resnet.Conv3x3; same numbers up to float
-  # rounding): on XLA:CPU 2.2x faster for ResNet-50's RPN conv, 1.4-2.1x
-  # for res5's, the ResNet-50 train step 3-10 % faster. -1 = auto, for
-  # create_model's platform: 512 on CPU (the RPN and res5; narrower layers
-  # gain little for the patches' memory), 0 (never: XLA's own conv
-  # gradient) on GPU/TPU.
-  c.wgrad_im2col_min_channels = -1
-  # Anchors (one feature map, stride 16); ratio = h / w as torchvision.
-  c.anchor_sizes = (32, 64, 128, 256, 512)
-  c.anchor_ratios = (0.5, 1.0, 2.0)
-  # RPN (oim_jax/models/rpn.py).
-  c.rpn = ml_collections.ConfigDict()
-  c.rpn.channels = 0  # 3x3 conv channels; 0 = C4 channels (1024)
-  # Stride of the RPN's map: 0 = C4's; 16 with stride 8: C4 averaged over 2x2.
-  c.rpn.stride = 0
-  c.rpn.fg_iou = 0.7  # anchor fg iff IoU >= 0.7 (plus each GT's best)
-  c.rpn.bg_iou = 0.3  # anchor bg iff IoU < 0.3
-  c.rpn.batch_size = 256  # sampled anchors per image
-  c.rpn.fg_fraction = 0.5
-  c.rpn.pre_nms_top_n_train = 12000
-  c.rpn.post_nms_top_n_train = 2000
-  c.rpn.pre_nms_top_n_test = 6000
-  c.rpn.post_nms_top_n_test = 300
-  c.rpn.nms_thresh = 0.7
-  c.rpn.min_size = 1e-3  # drop proposals narrower/shorter than this (px)
-  c.rpn.smooth_l1_beta = 1.0 / 9
-  # RoI heads (oim_jax/models/roi_heads.py).
-  c.roi = ml_collections.ConfigDict()
-  c.roi.batch_size = 128  # sampled RoIs per image
-  c.roi.fg_fraction = 0.5  # PyTorch ports 0.5, Caffe original 0.25
-  c.roi.fg_iou = 0.5  # RoI fg iff IoU >= 0.5
-  c.roi.bg_iou = 0.5  # RoI bg iff bg_iou_lo <= IoU < 0.5
-  c.roi.bg_iou_lo = 0.0
-  c.roi.pool_size = 14  # RoIAlign output (res5 halves it to 7)
-  # Input of the person classifier / box regressor: "pooled" (the paper) or
-  # "spatial" (flattened res5 map; needed from scratch, see roi_heads.py).
-  c.roi.det_features = "pooled"
-  # The same for the identity embedding, plus "stripes" (the res5 map
-  # averaged over its width: head / torso / legs, mirror-invariant).
-  c.roi.embedding_features = "pooled"
-  c.roi.sampling_ratio = 2
-  c.roi.aligned = False  # torchvision RoIAlign `aligned`
-  c.roi.score_thresh = 0.5  # test: person score threshold
-  c.roi.nms_thresh = 0.4  # test: NMS between detections
-  c.roi.detections_per_image = 100  # test: M, padded with valid=False
-  c.roi.min_size = 1e-2
-  c.roi.smooth_l1_beta = 1.0 / 9
-  # Test: feed the regressed boxes back through the box head this many more
-  # times (scores averaged over the passes); 0 = one pass (the paper).
-  c.roi.refine_iters = 0
-  # Identity embedding.
-  c.embedding_dim = 256
-  # "none" | "batchnorm" (BN neck, state in `batch_stats`) | "layernorm"
-  c.embedding_norm = "none"
-  # RoIs whose projections form the BN neck's batch statistics in training:
-  # "all" sampled RoIs (half background) or "persons" (fg RoIs only, the
-  # population it normalises at test time).
-  c.embedding_bn_rois = "all"
-  # Loss weights (total = sum of weight * loss).
-  c.loss_weights = ml_collections.ConfigDict(dict(
-      rpn_cls=1.0, rpn_reg=1.0, det_cls=1.0, det_reg=1.0, reid=1.0))
-  if preset == "tiny":
-    c.depth, c.width = 18, 8
-    c.freeze_at, c.train_bn, c.zero_init_residual = 0, True, True
-    c.stem_space_to_depth = True
-    # From scratch, post-ReLU RoI features all point the same way: the BN
-    # neck spreads the embeddings so that OIM has a gradient to follow.
-    c.embedding_norm = "batchnorm"
-    c.anchor_sizes = (16, 32, 64, 128)
-    c.rpn.pre_nms_top_n_train, c.rpn.post_nms_top_n_train = 600, 150
-    c.rpn.pre_nms_top_n_test, c.rpn.post_nms_top_n_test = 300, 50
-    c.roi.batch_size = 32
-    c.roi.detections_per_image = 16
-    c.embedding_dim = 64
-  elif preset != "resnet50":
-    raise ValueError(f"unknown model preset {preset!r}: resnet50 | tiny")
-  return c
 
 
 # Target platforms create_model accepts -> the name the choices below use.
@@ -449,8 +345,8 @@ class PersonSearch(nn.Module):
 
 def _dtype(model_config):
   if model_config.dtype not in _DTYPES:
-    raise ValueError(f"model.dtype={model_config.dtype!r}: use one of "
-                     f"{sorted(_DTYPES)}")
+    raise ValueError(config_defaults.choice_error("model.dtype",
+                                                  model_config.dtype))
   return _DTYPES[model_config.dtype]
 
 
@@ -467,24 +363,10 @@ def create_model(config, axis_name=None, platform=None) -> PersonSearch:
       space-to-depth stem) are resolved here, once: pass the target when
       exporting or compiling ahead of time for another platform.
   """
+  config_defaults.validate_model(config)
   target = resolve_platform(platform)
   loss = config.oim.loss
-  if loss not in ("oim", "softmax"):
-    raise ValueError(f"config.oim.loss={loss!r}: use 'oim' or 'softmax'")
   m = config.model
-  for field, value, allowed in (
-      ("model.stride", m.stride, (16, 8)),
-      ("model.rpn.stride", m.rpn.stride, (0, m.stride, 16)),
-      ("model.roi.det_features", m.roi.det_features, ("pooled", "spatial")),
-      ("model.roi.embedding_features", m.roi.embedding_features,
-       ("pooled", "spatial", "stripes")),
-      ("model.embedding_bn_rois", m.embedding_bn_rois, ("all", "persons"))):
-    if value not in allowed:
-      raise ValueError(f"config.{field}={value!r}: use one of {allowed}")
-  head_blocks = m.get("head_blocks", 0)  # absent in older config.json
-  if not (isinstance(head_blocks, int) and head_blocks >= 0):
-    raise ValueError(f"config.model.head_blocks={head_blocks!r}: use 0 "
-                     "(the depth's own res5) or a positive block count")
   return PersonSearch(
       ml_collections.FrozenConfigDict(config.model),
       config.oim.num_labeled if loss == "softmax" else 0, axis_name,

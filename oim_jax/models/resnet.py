@@ -111,7 +111,7 @@ class StemConv(nn.Module):
   3 channels poorly; for the 16-channel synthetic stem this form is ~2.5x
   faster in the backward and ~1.3x in the forward. At 64 channels
   (ResNet-50, whose conv1 is frozen) the direct form's forward is faster,
-  so it stays off there (bench/results/training.md).
+  so it stays off there (docs/cpu_performance.md).
   """
   features: int
   dtype: Any = jnp.float32

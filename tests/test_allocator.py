@@ -1,4 +1,4 @@
-"""Tests for oim_jax/host_memory.py.
+"""Tests for oim_jax/cpu_host/allocator.py.
 
 The allocator is chosen when a process starts, so the cases that load
 jemalloc or mimalloc run in fresh Python subprocesses. The fault probe
@@ -17,12 +17,12 @@ import textwrap
 
 import pytest
 
-from oim_jax import host_memory
+from oim_jax.cpu_host import allocator
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PAGES = 48 * 2**20 // 4096
-_JEMALLOC = host_memory.find_jemalloc()
-_MIMALLOC = host_memory.find_mimalloc()
+_JEMALLOC = allocator.find_jemalloc()
+_MIMALLOC = allocator.find_mimalloc()
 
 needs_jemalloc = pytest.mark.skipif(
     _JEMALLOC is None or platform.system() != "Linux",
@@ -42,8 +42,8 @@ def _cpu_host(monkeypatch):
 _PROBE = textwrap.dedent("""
     import ctypes, resource, sys
     sys.path.insert(0, {root!r})
-    from oim_jax import host_memory
-    line = host_memory.use_fast_malloc()
+    from oim_jax.cpu_host import allocator
+    line = allocator.use_fast_malloc()
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = (ctypes.c_size_t,)
@@ -60,7 +60,7 @@ _PROBE = textwrap.dedent("""
     for _ in range(4):
       round_trip()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    print(host_memory.loaded_allocator(), (after - before) / 4)
+    print(allocator.loaded_allocator(), (after - before) / 4)
     print(line)
 """)
 
@@ -68,7 +68,7 @@ _PROBE = textwrap.dedent("""
 def _probe(**env_extra):
   env = {k: v for k, v in os.environ.items()
          if k not in ("LD_PRELOAD", "MALLOC_CONF", "MIMALLOC_PURGE_DELAY",
-                      host_memory.ENV_VAR, host_memory.LEGACY_ENV_VAR,
+                      allocator.ENV_VAR,
                       "OIM_JAX_MALLOC_REEXEC")}
   env.update(env_extra, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _PROBE.format(root=_ROOT)],
@@ -81,15 +81,12 @@ def _probe(**env_extra):
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
                     reason="the reference behaviour is glibc's")
-@pytest.mark.parametrize("env", [{"OIM_JAX_MALLOC": "system"},
-                                 {"OIM_JAX_JEMALLOC": "0"}])
-def test_glibc_faults_the_block_in_every_round(env):
-  # The reference the preload is measured against (and both switches off).
-  loaded, faults, line = _probe(**env)
+def test_glibc_faults_the_block_in_every_round():
+  # The reference the preload is measured against (and the switch off).
+  loaded, faults, line = _probe(OIM_JAX_MALLOC="system")
   assert loaded == "None"
   assert faults > 0.9 * _PAGES
-  (name, value), = env.items()
-  assert f"{name}={value}" in line
+  assert "OIM_JAX_MALLOC=system" in line
 
 
 @needs_jemalloc
@@ -97,7 +94,7 @@ def test_reexecs_with_jemalloc_that_keeps_freed_pages():
   loaded, faults, line = _probe()  # auto: jemalloc first when installed
   assert loaded == "jemalloc"
   assert faults < 0.01 * _PAGES
-  assert host_memory.NO_PURGE in line
+  assert allocator.NO_PURGE in line
 
 
 @needs_mimalloc
@@ -109,13 +106,12 @@ def test_reexecs_with_mimalloc_that_keeps_freed_pages():
 
 
 def test_auto_falls_back_to_mimalloc(monkeypatch):
-  monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
-  monkeypatch.delenv(host_memory.LEGACY_ENV_VAR, raising=False)
+  monkeypatch.delenv(allocator.ENV_VAR, raising=False)
   for var in ("LD_PRELOAD", "OIM_JAX_MALLOC_REEXEC", "MIMALLOC_PURGE_DELAY"):
     monkeypatch.delenv(var, raising=False)
-  monkeypatch.setattr(host_memory, "loaded_allocator", lambda: None)
-  monkeypatch.setattr(host_memory, "find_jemalloc", lambda: None)
-  monkeypatch.setattr(host_memory, "find_mimalloc", lambda: "/x/libmimalloc.so.3")
+  monkeypatch.setattr(allocator, "loaded_allocator", lambda: None)
+  monkeypatch.setattr(allocator, "find_jemalloc", lambda: None)
+  monkeypatch.setattr(allocator, "find_mimalloc", lambda: "/x/libmimalloc.so.3")
   calls = []
   def fake_execve(exe, argv, env):
     calls.append(env)
@@ -124,7 +120,7 @@ def test_auto_falls_back_to_mimalloc(monkeypatch):
   if platform.system() != "Linux":
     return
   with pytest.raises(SystemExit):
-    host_memory.use_fast_malloc(["python", "train.py"])
+    allocator.use_fast_malloc(["python", "train.py"])
   env, = calls
   assert env["LD_PRELOAD"] == "/x/libmimalloc.so.3"
   assert env["MIMALLOC_PURGE_DELAY"] == "-1"
@@ -132,29 +128,29 @@ def test_auto_falls_back_to_mimalloc(monkeypatch):
 
 
 def test_preload_env(monkeypatch):
-  monkeypatch.setattr(host_memory, "find_jemalloc", lambda: "/j/libjemalloc.so.2")
-  monkeypatch.setattr(host_memory, "find_mimalloc", lambda: "/m/libmimalloc.so.3")
-  assert host_memory.preload_env() == {
-      "LD_PRELOAD": "/j/libjemalloc.so.2", "MALLOC_CONF": host_memory.NO_PURGE}
-  assert host_memory.preload_env("mimalloc") == {
+  monkeypatch.setattr(allocator, "find_jemalloc", lambda: "/j/libjemalloc.so.2")
+  monkeypatch.setattr(allocator, "find_mimalloc", lambda: "/m/libmimalloc.so.3")
+  assert allocator.preload_env() == {
+      "LD_PRELOAD": "/j/libjemalloc.so.2", "MALLOC_CONF": allocator.NO_PURGE}
+  assert allocator.preload_env("mimalloc") == {
       "LD_PRELOAD": "/m/libmimalloc.so.3", "MIMALLOC_PURGE_DELAY": "-1"}
-  monkeypatch.setattr(host_memory, "find_jemalloc", lambda: None)
-  assert host_memory.preload_env()["LD_PRELOAD"] == "/m/libmimalloc.so.3"
-  assert host_memory.preload_env("jemalloc") == {}
+  monkeypatch.setattr(allocator, "find_jemalloc", lambda: None)
+  assert allocator.preload_env()["LD_PRELOAD"] == "/m/libmimalloc.so.3"
+  assert allocator.preload_env("jemalloc") == {}
   with pytest.raises(ValueError, match="tcmalloc"):
-    host_memory.preload_env("tcmalloc")
+    allocator.preload_env("tcmalloc")
 
 
 def test_asked_for_allocator_missing_is_an_error(monkeypatch):
-  monkeypatch.setenv(host_memory.ENV_VAR, "jemalloc")
+  monkeypatch.setenv(allocator.ENV_VAR, "jemalloc")
   monkeypatch.delenv("OIM_JAX_MALLOC_REEXEC", raising=False)
   monkeypatch.delenv("LD_PRELOAD", raising=False)
-  monkeypatch.setattr(host_memory, "loaded_allocator", lambda: None)
-  monkeypatch.setattr(host_memory, "find_jemalloc", lambda: None)
+  monkeypatch.setattr(allocator, "loaded_allocator", lambda: None)
+  monkeypatch.setattr(allocator, "find_jemalloc", lambda: None)
   monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))
   if platform.system() == "Linux":
     with pytest.raises(ValueError, match="apt-get install libjemalloc2"):
-      host_memory.use_fast_malloc()
+      allocator.use_fast_malloc()
 
 
 @needs_jemalloc
@@ -164,16 +160,15 @@ def test_user_malloc_conf_is_kept():
 
 
 def test_nothing_installed_leaves_the_process_alone(monkeypatch):
-  monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
-  monkeypatch.delenv(host_memory.LEGACY_ENV_VAR, raising=False)
+  monkeypatch.delenv(allocator.ENV_VAR, raising=False)
   monkeypatch.delenv("OIM_JAX_MALLOC_REEXEC", raising=False)
   monkeypatch.delenv("LD_PRELOAD", raising=False)
-  monkeypatch.setattr(host_memory, "loaded_allocator", lambda: None)
-  monkeypatch.setattr(host_memory, "find_jemalloc", lambda: None)
-  monkeypatch.setattr(host_memory, "find_mimalloc", lambda: None)
+  monkeypatch.setattr(allocator, "loaded_allocator", lambda: None)
+  monkeypatch.setattr(allocator, "find_jemalloc", lambda: None)
+  monkeypatch.setattr(allocator, "find_mimalloc", lambda: None)
   monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))
   if platform.system() == "Linux":
-    line = host_memory.use_fast_malloc()
+    line = allocator.use_fast_malloc()
     assert "pip install -r requirements.txt" in line
     assert "apt-get install libjemalloc2" in line
 
@@ -181,81 +176,68 @@ def test_nothing_installed_leaves_the_process_alone(monkeypatch):
 def test_failed_preload_does_not_loop(monkeypatch):
   # The loader ignores a preload it cannot load; the second pass must not
   # try again.
-  monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
-  monkeypatch.delenv(host_memory.LEGACY_ENV_VAR, raising=False)
+  monkeypatch.delenv(allocator.ENV_VAR, raising=False)
   monkeypatch.setenv("OIM_JAX_MALLOC_REEXEC", "1")
   monkeypatch.setenv("LD_PRELOAD", "/nonexistent/libjemalloc.so.2")
-  monkeypatch.setattr(host_memory, "loaded_allocator", lambda: None)
+  monkeypatch.setattr(allocator, "loaded_allocator", lambda: None)
   monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))
   if platform.system() == "Linux":
-    assert "failed" in host_memory.use_fast_malloc()
+    assert "failed" in allocator.use_fast_malloc()
 
 
-def test_other_preloaded_allocator_is_kept(monkeypatch):
-  monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
-  monkeypatch.delenv(host_memory.LEGACY_ENV_VAR, raising=False)
-  monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libtcmalloc.so.4")
-  monkeypatch.setattr(host_memory, "loaded_allocator", lambda: None)
+@pytest.mark.parametrize("preload", ["/usr/lib/libtcmalloc.so.4",
+                                     "/opt/profiler/libprofiler.so"])
+def test_users_preload_is_kept(monkeypatch, preload):
+  # Another allocator, or any library the user preloads: we add nothing.
+  monkeypatch.delenv(allocator.ENV_VAR, raising=False)
+  monkeypatch.delenv("OIM_JAX_MALLOC_REEXEC", raising=False)
+  monkeypatch.setenv("LD_PRELOAD", preload)
+  monkeypatch.setattr(allocator, "loaded_allocator", lambda: None)
+  monkeypatch.setattr(allocator, "find_mimalloc", lambda: "/x/libmimalloc.so.3")
   monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))
   if platform.system() == "Linux":
-    assert "tcmalloc" in host_memory.use_fast_malloc()
+    assert allocator.use_fast_malloc() == (
+        f"host malloc: as preloaded (LD_PRELOAD={preload})")
 
 
 def test_find_jemalloc(tmp_path, monkeypatch):
   monkeypatch.delenv("CONDA_PREFIX", raising=False)
-  assert host_memory.find_jemalloc((str(tmp_path / "*.so.2"),)) is None
+  assert allocator.find_jemalloc((str(tmp_path / "*.so.2"),)) is None
   lib = tmp_path / "lib" / "libjemalloc.so.2"
   lib.parent.mkdir()
   lib.write_bytes(b"")
-  assert host_memory.find_jemalloc((str(tmp_path / "lib" / "*.so.2"),)) == (
+  assert allocator.find_jemalloc((str(tmp_path / "lib" / "*.so.2"),)) == (
       str(lib))
   monkeypatch.setenv("CONDA_PREFIX", str(tmp_path))
-  assert host_memory.find_jemalloc(()) == str(lib)
+  assert allocator.find_jemalloc(()) == str(lib)
 
 
 def test_find_mimalloc(tmp_path, monkeypatch):
   # The cmeel-mimalloc wheel puts it under site-packages/cmeel.prefix/lib.
   monkeypatch.delenv("CONDA_PREFIX", raising=False)
-  monkeypatch.setattr(host_memory, "_site_dirs", lambda: [str(tmp_path)])
-  assert host_memory.find_mimalloc() is None
+  monkeypatch.setattr(allocator, "_site_dirs", lambda: [str(tmp_path)])
+  assert allocator.find_mimalloc() is None
   lib = tmp_path / "cmeel.prefix" / "lib" / "libmimalloc.so.3"
   lib.parent.mkdir(parents=True)
   lib.write_bytes(b"")
-  assert host_memory.find_mimalloc() == str(lib)
+  assert allocator.find_mimalloc() == str(lib)
 
 
-@pytest.mark.parametrize("var,value", [("OIM_JAX_MALLOC", "tcmalloc"),
-                                       ("OIM_JAX_JEMALLOC", "maybe")])
-def test_bad_switch(monkeypatch, var, value):
-  monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
-  monkeypatch.setenv(var, value)
-  with pytest.raises(ValueError, match=var):
-    host_memory.use_fast_malloc()
-
-
-@pytest.mark.parametrize("script", ["train.py", "eval.py", "search.py"])
-def test_entry_points_choose_the_allocator_before_other_imports(script):
-  # The re-exec must happen before JAX (or anything that mallocs much) loads.
-  import ast
-  with open(os.path.join(_ROOT, script)) as f:
-    body = ast.parse(f.read()).body
-  stmts = [s for s in body if not (isinstance(s, ast.Expr) and
-                                   isinstance(s.value, ast.Constant))]
-  first, second = stmts[0], stmts[1]
-  assert isinstance(first, ast.ImportFrom) and first.module == "oim_jax"
-  assert [a.name for a in first.names] == ["host_memory"]
-  assert "host_memory.use_fast_malloc()" in ast.unparse(second)
+def test_bad_switch(monkeypatch):
+  monkeypatch.setenv("OIM_JAX_MALLOC", "tcmalloc")
+  with pytest.raises(ValueError, match="OIM_JAX_MALLOC='tcmalloc'"):
+    allocator.use_fast_malloc()
 
 
 @pytest.mark.parametrize("platforms", ["tpu", "cuda,cpu"])
 def test_nothing_done_on_accelerator_hosts(monkeypatch, platforms):
   # XLA's host allocator matters for XLA:CPU's buffers only.
   monkeypatch.setenv("JAX_PLATFORMS", platforms)
-  monkeypatch.setenv(host_memory.ENV_VAR, "jemalloc")
+  monkeypatch.setenv(allocator.ENV_VAR, "jemalloc")
   monkeypatch.delenv("OIM_JAX_MALLOC_REEXEC", raising=False)
-  monkeypatch.setattr(host_memory, "find_jemalloc",
+  monkeypatch.setattr(allocator, "find_jemalloc",
                       lambda: "/j/libjemalloc.so.2")
   monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))
   backend = platforms.split(",")[0]
-  assert host_memory.use_fast_malloc() == (
+  assert allocator.use_fast_malloc() == (
       f"host malloc: system default (JAX backend {backend})")

@@ -9,7 +9,7 @@ synthetic train step ~0.20 s) and an AVX2-only kind (Zen 3: 0.15 TFLOP/s,
 train.py and eval.py log this line first so that a log says which it was.
 
 `accelerator_backend()` tells, before JAX starts, whether JAX will run on a
-GPU or TPU: the entry points' CPU tuning (host_memory, xla_flags) then does
+GPU or TPU: the entry points' CPU tuning (allocator, xla_flags) then does
 nothing.
 """
 

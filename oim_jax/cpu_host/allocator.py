@@ -1,30 +1,17 @@
-"""A faster malloc for the entry points: XLA:CPU's step buffers without faults.
+"""A faster malloc for the entry points on CPU hosts.
 
-XLA:CPU's worker threads allocate each step's large temporaries with malloc.
-glibc serves those from per-thread arenas whose heaps it maps and unmaps (and
-mmaps blocks over 64 MiB outright), so every train step faults its working
-set back in page by page: ~124,000 page faults and ~0.28 cores of kernel
-time per second in the synthetic training loop. jemalloc with purging
-turned off keeps freed pages in the process: the same loop runs 13-25 %
-faster (steps of train.py interleaved with SIGSTOP/SIGCONT,
-BENCHMARKS.md "Host allocator"). glibc's own knobs (mallopt: arena count,
-no mmap, no trim) are no reliable fix: they removed the faults in one
-bare-step harness but not in another, nor in train.py, which was no faster
-with them. jemalloc with its default purging is slower than glibc.
+glibc malloc serves XLA:CPU's per-step buffers from per-thread arenas that it
+unmaps again, so every train step faults its working set back in; jemalloc or
+mimalloc with purging off keep the pages (the synthetic training loop runs
+13-25 % faster; docs/cpu_performance.md). mimalloc comes from PyPI (the
+cmeel-mimalloc wheel in requirements.txt), a system libjemalloc.so.2 is taken
+first where installed.
 
-mimalloc with purging off (MIMALLOC_PURGE_DELAY=-1) does the same: 2 faults
-per bare step instead of glibc's 32,777, as fast as jemalloc (BENCHMARKS.md
-"Host allocator", session 11), and it comes from PyPI (the cmeel-mimalloc
-wheel in requirements.txt), so `pip install -r requirements.txt` alone gets
-the fast path.
-
-train.py, eval.py and search.py call `use_fast_malloc()` before their other
-imports: it re-executes the same command with an allocator preloaded, the
-first found of: jemalloc (a system libjemalloc.so.2: apt-get install
-libjemalloc2), mimalloc (the pip wheel). OIM_JAX_MALLOC picks one
-(auto | jemalloc | mimalloc | system); OIM_JAX_JEMALLOC=0, the switch of
-earlier versions, still means system. The price: the process keeps its peak
-heap until it exits, which is what a training process wants.
+train.py, eval.py and search.py call `use_fast_malloc()` (through
+oim_jax.cpu_host) before their other imports: it re-executes the same command
+with the allocator preloaded. OIM_JAX_MALLOC picks one (auto | jemalloc |
+mimalloc | system). The price: the process keeps its peak heap until it exits,
+which is what a training process wants.
 """
 
 from __future__ import annotations
@@ -32,12 +19,13 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import site
 import sys
+import sysconfig
 
-from oim_jax import host_info
+from oim_jax.cpu_host import cpu_info
 
 ENV_VAR = "OIM_JAX_MALLOC"
-LEGACY_ENV_VAR = "OIM_JAX_JEMALLOC"  # "0" = system (before mimalloc)
 CHOICES = ("auto", "jemalloc", "mimalloc", "system")
 _REEXEC_MARK = "OIM_JAX_MALLOC_REEXEC"
 # Never give freed pages back (jemalloc's default purges after 10 s, which
@@ -78,8 +66,6 @@ def find_mimalloc() -> str | None:
 
 def _site_dirs() -> list[str]:
   """site-packages directories of this interpreter (venv and user included)."""
-  import site  # pylint: disable=g-import-not-at-top
-  import sysconfig  # pylint: disable=g-import-not-at-top
   dirs = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")]
   try:
     dirs += site.getsitepackages() + [site.getusersitepackages()]
@@ -139,12 +125,6 @@ def _choice() -> str:
     if value not in CHOICES:
       raise ValueError(f"{ENV_VAR}={value!r}: use one of {', '.join(CHOICES)}")
     return value
-  legacy = os.environ.get(LEGACY_ENV_VAR, "1").strip().lower()
-  if legacy in ("0", "false", "no", "off"):
-    return "system"
-  if legacy not in ("1", "true", "yes", "on"):
-    raise ValueError(f"{LEGACY_ENV_VAR}={legacy!r}: use 1 (default) or 0, "
-                     f"or {ENV_VAR}={'|'.join(CHOICES)}")
   return "auto"
 
 
@@ -160,10 +140,10 @@ def use_fast_malloc(argv: list[str] | None = None) -> str:
 
   Call first thing in an entry point: the process is replaced (os.execve),
   so nothing done before survives. Does nothing where JAX will run on a GPU
-  or TPU (host_info.accelerator_backend), when $OIM_JAX_MALLOC is
-  "system" (or $OIM_JAX_JEMALLOC is 0), off Linux, when either allocator is
-  already loaded, when LD_PRELOAD names another allocator (tcmalloc, as on
-  some TPU VMs), or when neither is installed. Your own MALLOC_CONF /
+  or TPU (cpu_info.accelerator_backend), when $OIM_JAX_MALLOC is
+  "system", off Linux, when either allocator is already loaded, when the
+  user's LD_PRELOAD is set (tcmalloc on some TPU VMs, a profiler, ...), or
+  when neither is installed. Your own MALLOC_CONF /
   MIMALLOC_PURGE_DELAY win over ours.
 
   Args:
@@ -175,29 +155,28 @@ def use_fast_malloc(argv: list[str] | None = None) -> str:
     when it did not re-execute).
 
   Raises:
-    ValueError: a bad $OIM_JAX_MALLOC / $OIM_JAX_JEMALLOC.
+    ValueError: a bad $OIM_JAX_MALLOC.
   """
   choice = _choice()
-  accelerator = host_info.accelerator_backend()
+  accelerator = cpu_info.accelerator_backend()
   if accelerator:
     # The host allocator matters for XLA:CPU's step buffers only.
     return f"host malloc: system default (JAX backend {accelerator})"
   if choice == "system":
-    var = ENV_VAR if os.environ.get(ENV_VAR, "").strip() else LEGACY_ENV_VAR
-    return f"host malloc: system default ({var}={os.environ[var].strip()})"
+    return f"host malloc: system default ({ENV_VAR}=system)"
   if platform.system() != "Linux":
     return "host malloc: system default (preloading is Linux-only)"
   loaded = loaded_allocator()
   if loaded:
     os.environ.pop(_REEXEC_MARK, None)
     return f"host malloc: {loaded}, {_settings(loaded)}"
-  preloaded = os.environ.get("LD_PRELOAD", "")
-  if "tcmalloc" in preloaded:
-    return f"host malloc: as preloaded (LD_PRELOAD={preloaded})"
   if os.environ.get(_REEXEC_MARK):
     return ("host malloc: system default (preloading "
             f"{os.environ.get('LD_PRELOAD')} failed; see the loader's "
             f"message above; {ENV_VAR}=system skips the attempt)")
+  preloaded = os.environ.get("LD_PRELOAD", "").strip()
+  if preloaded:
+    return f"host malloc: as preloaded (LD_PRELOAD={preloaded})"
   preload = preload_env(choice)
   if not preload:
     if choice == "auto":
@@ -209,8 +188,7 @@ def use_fast_malloc(argv: list[str] | None = None) -> str:
         + ("apt-get install libjemalloc2" if choice == "jemalloc"
            else "pip install cmeel-mimalloc") + ")")
   env = dict(os.environ)
-  env["LD_PRELOAD"] = ":".join(
-      p for p in (preload.pop("LD_PRELOAD"), env.get("LD_PRELOAD")) if p)
+  env["LD_PRELOAD"] = preload.pop("LD_PRELOAD")
   for key, value in preload.items():
     env.setdefault(key, value)
   env[_REEXEC_MARK] = "1"
@@ -220,7 +198,3 @@ def use_fast_malloc(argv: list[str] | None = None) -> str:
   os.execve(sys.executable, argv, env)
   raise AssertionError("unreachable: os.execve returned")
 
-
-def use_jemalloc(argv: list[str] | None = None) -> str:
-  """Former name of `use_fast_malloc` (kept for scripts that call it)."""
-  return use_fast_malloc(argv)

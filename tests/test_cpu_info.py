@@ -1,10 +1,10 @@
-"""Tests for oim_jax/host_info.py."""
+"""Tests for oim_jax/cpu_host/cpu_info.py."""
 
 import platform
 
-from oim_jax import host_info
+from oim_jax.cpu_host import cpu_info
 
-# Abridged /proc/cpuinfo: an AVX2-only AMD VM (session 11's) and an AVX-512
+# Abridged /proc/cpuinfo: an AVX2-only AMD EPYC (Zen 3) VM and an AVX-512
 # Xeon.
 _AMD = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -22,31 +22,31 @@ flags\t\t: fpu avx fma avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile
 
 
 def test_parse_cpuinfo():
-  assert host_info.parse_cpuinfo(_AMD) == ("AMD EPYC", ["avx2", "fma"])
-  model, flags = host_info.parse_cpuinfo(_INTEL)
+  assert cpu_info.parse_cpuinfo(_AMD) == ("AMD EPYC", ["avx2", "fma"])
+  model, flags = cpu_info.parse_cpuinfo(_INTEL)
   assert model.startswith("Intel(R) Xeon(R) Platinum 8481C")
   assert flags == ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni",
                    "amx_bf16", "amx_tile"]
-  assert host_info.parse_cpuinfo("") == ("", [])
+  assert cpu_info.parse_cpuinfo("") == ("", [])
 
 
 def test_cpu_summary(tmp_path):
   path = tmp_path / "cpuinfo"
   path.write_text(_AMD)
-  line = host_info.cpu_summary(str(path))
+  line = cpu_info.cpu_summary(str(path))
   assert line.startswith("host CPU: AMD EPYC, ")
   assert "usable cores" in line
   if platform.machine() == "x86_64":
     assert line.endswith("(avx2 fma; no avx512f)")
   path.write_text(_INTEL)
-  assert "no avx512f" not in host_info.cpu_summary(str(path))
+  assert "no avx512f" not in cpu_info.cpu_summary(str(path))
   # Unreadable /proc/cpuinfo: still a line, no exception.
-  assert host_info.cpu_summary(str(tmp_path / "missing")).startswith(
+  assert cpu_info.cpu_summary(str(tmp_path / "missing")).startswith(
       "host CPU: ")
 
 
 def _backend(environ, installed=(), devices=()):
-  return host_info.accelerator_backend(
+  return cpu_info.accelerator_backend(
       environ, installed=lambda name: name in installed,
       exists=lambda path: path in devices)
 
@@ -80,5 +80,5 @@ def test_this_machine_is_a_cpu_host():
   import os  # pylint: disable=g-import-not-at-top
   if os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0] == "cpu":
     import jax  # pylint: disable=g-import-not-at-top
-    assert (host_info.accelerator_backend() is None) == (
+    assert (cpu_info.accelerator_backend() is None) == (
         jax.default_backend() == "cpu")

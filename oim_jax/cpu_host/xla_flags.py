@@ -1,25 +1,16 @@
 """XLA:CPU flags that train.py, eval.py and search.py set before JAX starts.
 
-jaxlib 0.10-0.11 hands CPU convolutions and dots to YNNPACK by default. For
-this project's layers XLA's own are faster, on the AVX2-only VM (A/B in
-alternating processes, `python bench/xla_cpu_flags.py`):
-- convolutions (session 12): synthetic train step 0.407 -> 0.303 s, its
-  inference 0.75 -> 0.55 s, ResNet-50 train step at 900x1500 12.54 ->
-  11.78 s, inference 6.88 -> 6.54 s;
-- then also the unfused dots (session 15): synthetic train step faster in
-  7 of 9 paired rounds, median 0.374 -> 0.361 s (paired ratio: median
-  0.96, mean 0.94), inference unchanged within noise, ResNet-50 train
-  step 16.0 -> 14.1 s in the one round measured. Eigen runs a
-  [512, 128] @ [128, 128] matmul at 0.16 TFLOP/s here, YNNPACK at 0.11.
-Fused dots, reductions and elementwise fusions stay with YNNPACK (turning
-all of YNNPACK off, or also its fused dots, was slower).
+jaxlib 0.10-0.11 hands CPU convolutions and unfused dots to YNNPACK by
+default; for this project's layers XLA's own kernels are faster (the
+synthetic train step 0.41 -> 0.30 s on an AVX2 CPU; A/B numbers in
+docs/cpu_performance.md, `python bench/xla_cpu_flags.py`). Fused dots,
+reductions and elementwise fusions stay with YNNPACK. The model computes the
+same convolutions and matmuls in other kernels, so only float rounding
+differs.
 
-Only the flag's YNNPACK fusion list changes, so the model computes the same
-convolutions and matmuls in other kernels (float rounding differs, as
-between CPU kinds). A user's XLA_FLAGS that already set the flag win;
-OIM_JAX_YNN_CONV=1 keeps YNNPACK's convolutions and dots. Other jaxlib
-versions get no flag (XLA aborts on
-a flag it does not know). GPU and TPU backends ignore it.
+A user's XLA_FLAGS that already set the flag win; OIM_JAX_YNN_CONV=1 keeps
+YNNPACK's kernels. Other jaxlib versions get no flag (XLA aborts on a flag
+value it does not know), and hosts where JAX runs on a GPU or TPU get none.
 """
 
 from __future__ import annotations
@@ -27,11 +18,11 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
-from oim_jax import host_info
+from oim_jax.cpu_host import cpu_info
 
 ENV_VAR = "OIM_JAX_YNN_CONV"
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-NO_YNN_CONV = FLAG + "=-individual_convolution"  # sessions 12-14
+NO_YNN_CONV = FLAG + "=-individual_convolution"  # convolutions only (A/B runs)
 # What the entry points set: XLA's own convolutions and unfused dots.
 NO_YNN_CONV_DOT = FLAG + "=-individual_convolution,-individual_dot"
 # jaxlib versions known to have the flag (measured: 0.10.2; 0.11 has it too).
@@ -76,7 +67,7 @@ def use_fast_cpu_flags() -> str:
 
   Nothing is set where JAX will run on a GPU or TPU.
   """
-  accelerator = host_info.accelerator_backend()
+  accelerator = cpu_info.accelerator_backend()
   if accelerator:
     return f"XLA:CPU flags: none (JAX backend {accelerator})"
   try:

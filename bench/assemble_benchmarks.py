@@ -9,9 +9,7 @@ numbers); this only orders them under one header.
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ("suite", "suite_avx2", "suite_avx2_dots", "conv3x3", "host_allocator",
-         "xla_cpu_flags", "xla_cpu_flags_dots", "tiny_convs",
-         "tiny_convs_winograd", "model", "ops", "oim", "evaluation", "pipeline",
+ORDER = ("suite", "suite_avx2", "suite_avx2_dots", "model", "ops", "oim", "evaluation", "pipeline",
          "dataset_loaders", "synthetic")
 
 HEADER = """# Benchmarks
@@ -19,7 +17,8 @@ HEADER = """# Benchmarks
 Tables written by the scripts in `bench/` (`bench/results/*.md`); each section names its
 command, date and machine. Regenerate this file with `python bench/assemble_benchmarks.py`, the
 suite with `python bench/run_suite.py` (GPU rows only where it ran on a GPU). Training runs:
-`docs/training_runs.md`; the CPU tuning behind these numbers: `docs/cpu_performance.md`.
+`docs/training_runs.md`; the CPU tuning behind these numbers: `docs/cpu_performance.md`, from the
+one-off investigations in `experiments/` (allocator, XLA:CPU flags, per-conv timing, Winograd).
 
 | name | CPU | float32 matmul peak | used |
 |---|---|---|---|

@@ -508,7 +508,7 @@ def markdown(suite: dict) -> str:
               "res5, compute their weight gradient as one im2col matmul); "
               "this row runs the same step with XLA's own convolution "
               "gradients (`--set wgrad_im2col_min_channels=0`). Per-layer "
-              "times: `python bench/conv3x3.py` (bench/results/conv3x3.md).",
+              "times: `python experiments/conv3x3.py` (experiments/results/conv3x3.md).",
               "",
               "| train step, ResNet-50 900x1500 b1 | s/step | peak RSS GiB |",
               "|---|---|---|",

@@ -12,6 +12,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "bench"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "experiments"))  # host_allocator
 import suite_jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 

@@ -29,7 +29,7 @@ ENV_VAR = "OIM_JAX_MALLOC"
 CHOICES = ("auto", "jemalloc", "mimalloc", "system")
 _REEXEC_MARK = "OIM_JAX_MALLOC_REEXEC"
 # Never give freed pages back (jemalloc's default purges after 10 s, which
-# bench/host_allocator.py measured slower than glibc).
+# experiments/host_allocator.py measured slower than glibc).
 NO_PURGE = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 MIMALLOC_NO_PURGE = {"MIMALLOC_PURGE_DELAY": "-1"}
 _SEARCH = ("/usr/lib/*-linux-gnu/libjemalloc.so.2",

@@ -3,7 +3,7 @@
 jaxlib 0.10-0.11 hands CPU convolutions and unfused dots to YNNPACK by
 default; for this project's layers XLA's own kernels are faster (the
 synthetic train step 0.41 -> 0.30 s on an AVX2 CPU; A/B numbers in
-docs/cpu_performance.md, `python bench/xla_cpu_flags.py`). Fused dots,
+docs/cpu_performance.md, `python experiments/xla_cpu_flags.py`). Fused dots,
 reductions and elementwise fusions stay with YNNPACK. The model computes the
 same convolutions and matmuls in other kernels, so only float rounding
 differs.

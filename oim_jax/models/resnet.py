@@ -242,7 +242,7 @@ def _group_norm_affine(x, groups, scale, bias):
   Statistics in one pass (E[x^2] - E[x]^2, float32, as flax's default
   `use_fast_variance`) from per-channel sums: on XLA:CPU the forward and
   backward of the tiny model's GroupNorms take 8 ms instead of 32 ms in the
-  two-pass form over a [..., H, W, G, C/G] view (bench/tiny_step.py). The
+  two-pass form over a [..., H, W, G, C/G] view (experiments/tiny_step.py). The
   price: precision degrades when |mean| >> std within a group (float32
   cancellation; tested to 2e-3 on gradients at mean/std = 12).
   """

@@ -8,7 +8,7 @@ the weight gradient as one matmul over the 3x3 patches of its input:
 
 Why: XLA:CPU lowers a 3x3 weight gradient to a convolution with a huge
 "kernel" (the output map) that Eigen runs at a fraction of its matmul speed.
-At ResNet-50's shapes (bench/results/conv3x3.md) the matmul form is 2x
+At ResNet-50's shapes (experiments/results/conv3x3.md) the matmul form is 2x
 faster for the RPN's 3x3 1024 -> 1024 conv on a 57x94 map (0.76 -> 0.35 s)
 and 1.4-2.1x for res5's 3x3 512 convs over 128 RoIs; at <= 128 input
 channels it is not faster, and it materialises the patches

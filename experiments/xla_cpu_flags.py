@@ -1,6 +1,6 @@
 """XLA:CPU convolution back ends A/B: YNNPACK's (jaxlib's default) vs XLA's own.
 
-  python bench/xla_cpu_flags.py [--rounds 2] [--resnet50]
+  python experiments/xla_cpu_flags.py [--rounds 2] [--resnet50]
       [--variants ynn_default,no_ynn_conv,no_ynn]
 
 XLA_FLAGS are read when a process starts JAX, so each variant runs in its
@@ -23,7 +23,7 @@ round by round so that the machine's drift hits them alike. Variants:
 
 Measures the synthetic config's train step and detect+embed (288x480,
 batch 4) and, with --resnet50, ResNet-50 at 900x1500, batch 1. Writes
-bench/results/xla_cpu_flags.{json,md}.
+experiments/results/xla_cpu_flags.{json,md}.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ ROWS_R50 = [("ResNet-50 train step", ["train"] + R50 + ["--steps", "4"],
 def measure(argv: list[str], flags: str) -> dict:
   env = dict(os.environ, XLA_FLAGS=flags, **allocator.preload_env())
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  p = subprocess.run([sys.executable, os.path.join(HERE, "suite_jax.py")]
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "suite_jax.py")]
                      + argv, cwd=ROOT, env=env, capture_output=True,
                      text=True, check=False)
   lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
@@ -110,8 +110,8 @@ def main():
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--resnet50", action="store_true")
   p.add_argument("--variants", default="ynn_default,no_ynn_conv,no_ynn")
-  p.add_argument("--out", default=os.path.join(ROOT, "bench", "results",
-                                               "xla_cpu_flags"))
+  p.add_argument("--out", default=os.path.join(ROOT, "experiments",
+                                               "results", "xla_cpu_flags"))
   args = p.parse_args()
   variants = args.variants.split(",")
   for v in variants:
@@ -130,7 +130,7 @@ def main():
   out = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
          "host": cpu_info.cpu_summary(), "jaxlib": jaxlib.__version__,
          "allocator": allocator.preload_env().get("LD_PRELOAD", ""),
-         "command": "python bench/xla_cpu_flags.py " + " ".join(sys.argv[1:]),
+         "command": "python experiments/xla_cpu_flags.py " + " ".join(sys.argv[1:]),
          "rounds": args.rounds, "variants": variants, "rows": results}
   with open(args.out + ".json", "w") as f:
     json.dump(out, f, indent=1)

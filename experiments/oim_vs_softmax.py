@@ -4,7 +4,7 @@ Same model, data, budget and seeds; only `config.oim.loss` differs. Each run
 evaluates every --eval_every steps (gallery 50); the script plots mAP and
 top-1 against steps (mean over seeds, band = min..max) and writes a table.
 
-  python bench/oim_vs_softmax.py --seeds=0,1,2 --steps=1500 --eval_every=300
+  python experiments/oim_vs_softmax.py --seeds=0,1,2 --steps=1500 --eval_every=300
 """
 
 import argparse

@@ -5,7 +5,7 @@ scores the search protocol on them, next to the model's own detections: the
 gap says how much mAP the detector costs, the oracle value what the
 embedding alone can do.
 
-  python bench/oracle_detection.py --workdir=runs/demo [--gallery_size=50]
+  python experiments/oracle_detection.py --workdir=runs/demo [--gallery_size=50]
 """
 
 import argparse

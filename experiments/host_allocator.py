@@ -1,8 +1,8 @@
 """The synthetic train step under different host allocators.
 
-  python bench/host_allocator.py --mode train [--variants glibc,jemalloc_no_purge]
+  python experiments/host_allocator.py --mode train [--variants glibc,jemalloc_no_purge]
       [--rounds 6 --window 20]
-  python bench/host_allocator.py --mode step [--variants default,...]
+  python experiments/host_allocator.py --mode step [--variants default,...]
       [--rounds 25] [--preset tiny --height 288 --width 480 --batch 4]
 
 An allocator is chosen when a process starts, so each variant is its own

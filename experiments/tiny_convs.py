@@ -1,6 +1,6 @@
 """The synthetic train step, conv by conv: where its time goes on XLA:CPU.
 
-  python bench/tiny_convs.py [--iters 20] [--parts split,layers]
+  python experiments/tiny_convs.py [--iters 20] [--parts split,layers]
       [--set model_field=value ...] [--out bench/results/tiny_convs]
 
 Runs as train.py does (jemalloc / mimalloc preloaded, XLA's own CPU
@@ -20,10 +20,10 @@ Parts:
           TFLOP/s; and the formulations tried instead: wgrad as one im2col
           matmul, wgrad as nine per-tap matmuls, forward as one im2col matmul,
           forward in NCHW layout; on the stride-1 layers Winograd F(2x2)
-          and F(4x4) (bench/winograd_conv.py) forward, and forward + both
+          and F(4x4) (experiments/winograd_conv.py) forward, and forward + both
           gradients. Each alternative is checked against XLA's result
           before it is timed.
-Medians over --iters calls. Writes bench/results/tiny_convs.{json,md}.
+Medians over --iters calls. Writes experiments/results/tiny_convs.{json,md}.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))  # suite_jax's timing loop
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from oim_jax.cpu_host import allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
 allocator.use_fast_malloc()  # as train.py: re-executes the process
@@ -181,7 +182,7 @@ def layers_part(iters):
            "dgrad_ms": _ms(dgrad, (x, k, g), iters),
            "wgrad_ms": _ms(wgrad, (x, k, g), iters)}
     if stride == 1:
-      # Winograd (bench/winograd_conv.py): forward, and forward + both
+      # Winograd (experiments/winograd_conv.py): forward, and forward + both
       # gradients (plain autodiff) against XLA's forward + both gradients.
       both = lambda f: (lambda x, k, g: jax.vjp(f, x, k)[1](g))
       xla_both = both(lambda x, k: oconv.conv3x3(x, k, 1))
@@ -240,7 +241,7 @@ def markdown(res, command, when):
               f"{tot['fwd']:.1f} ms, dgrad {tot['dgrad']:.1f} ms, wgrad "
               f"{tot['wgrad']:.1f} ms (the 7x7 stem, 1x1 shortcuts and the "
               "RPN's 1x1s not included).", "",
-              "Winograd F(2x2, 3x3) and F(4x4, 3x3) (bench/winograd_conv.py, "
+              "Winograd F(2x2, 3x3) and F(4x4, 3x3) (experiments/winograd_conv.py, "
               "plain autodiff) on the stride-1 layers, ms: forward, and "
               "forward + both gradients (one vjp) against XLA's.", "",
               "| layer | x | XLA fwd | F(2x2) fwd | F(4x4) fwd | XLA fwd+bwd "
@@ -262,8 +263,8 @@ def main():
   p.add_argument("--parts", default="split,layers")
   p.add_argument("--set", action="append", default=[],
                  help="model_field=value (a Python literal), split part only")
-  p.add_argument("--out", default=os.path.join(ROOT, "bench", "results",
-                                               "tiny_convs"))
+  p.add_argument("--out", default=os.path.join(ROOT, "experiments",
+                                               "results", "tiny_convs"))
   a = p.parse_args()
   parts = set(a.parts.split(","))
   res = {}
@@ -279,7 +280,7 @@ def main():
   if "layers" in parts:
     res.update(layers_part(a.iters))
   when = datetime.datetime.now().isoformat(timespec="seconds")
-  command = "python bench/tiny_convs.py" + "".join(
+  command = "python experiments/tiny_convs.py" + "".join(
       f" {x}" for x in sys.argv[1:])
   with open(a.out + ".json", "w") as f:
     json.dump({"date": when, "command": command, "cpu": cpu_info.cpu_summary(),

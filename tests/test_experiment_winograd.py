@@ -1,4 +1,4 @@
-"""Tests for bench/winograd_conv.py (Winograd F(2x2)/F(4x4) 3x3 convolution).
+"""Tests for experiments/winograd_conv.py (Winograd F(2x2)/F(4x4) 3x3 convolution).
 
 References: the convolution's definition as NumPy loops over the 9 taps,
 in float64, for the output and for both gradients of sum(y * g)
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "bench"))
+    os.path.abspath(__file__))), "experiments"))
 import winograd_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from conftest import np_conv3x3  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -16,7 +16,7 @@ of the function), so gradients are those of `conv3x3` up to float
 rounding, which F(4x4) amplifies by its constants (up to 8 and 1/24):
 ~1e-6 relative in float32 (tests/test_bench_winograd.py).
 
-A benchmark alternative, not used by the model (bench/tiny_convs.py
+A benchmark alternative, not used by the model (experiments/tiny_convs.py
 measures it against XLA's convolution; BENCHMARKS.md has the numbers).
 Why it was tried: the synthetic model's res5 3x3 convs (128 -> 128 over
 128 RoIs of 7x7) are a third of the train step and already run at the

@@ -1,6 +1,6 @@
 """3x3 convolutions of ResNet-50 person search: XLA's weight gradient vs im2col.
 
-  python bench/conv3x3.py [--shapes rpn_1024,res5_512_s2] [--iters 5] [--no_torch]
+  python experiments/conv3x3.py [--shapes rpn_1024,res5_512_s2] [--iters 5] [--no_torch]
 
 For each layer shape (input [N, H, W, Cin], Cout, stride): forward, input
 gradient, weight gradient as XLA computes it and as one im2col matmul

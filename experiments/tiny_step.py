@@ -1,6 +1,6 @@
 """Where the synthetic (tiny) train step's time goes, and two speed-ups.
 
-  python bench/tiny_step.py [--parts gn,conv1,step,roi] [--iters 20] [--steps 25]
+  python experiments/tiny_step.py [--parts gn,conv1,step,roi] [--iters 20] [--steps 25]
 
 Parts:
   gn     GroupNorm forward + backward (to input, scale, bias) at every shape
@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "bench"))  # suite_jax
 from oim_jax.models import resnet  # pylint: disable=g-import-not-at-top
 import suite_jax  # pylint: disable=g-import-not-at-top
 

@@ -83,18 +83,13 @@ def worker(args):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import suite_jax  # pylint: disable=g-import-not-at-top
-  from oim_jax import optim, train_lib  # pylint: disable=g-import-not-at-top
+  from oim_jax import train_lib  # pylint: disable=g-import-not-at-top
   from oim_jax.models import person_search as ps  # pylint: disable=g-import-not-at-top
 
   config = suite_jax.bench_config(args.preset, args.height, args.width,
                                   args.batch, "float32")
-  model = ps.create_model(config)
-  params, model_state = ps.split_variables(
-      ps.init_variables(model, config, jax.random.key(0)))
-  tx, _ = optim.create_optimizer(config.train, 1000,
-                                 ps.trainable_mask(params, config))
-  state = train_lib.create_train_state(params, tx, config,
-                                       config.model.embedding_dim, model_state)
+  model, tx, _, state = train_lib.create_model_and_state(
+      config, 1000, jax.random.key(0))
   loss_fn = functools.partial(ps.loss_fn, model, config)
   step = jax.jit(lambda st, b, k: train_lib.train_step(
       st, b, k, loss_fn=loss_fn, tx=tx, config=config, axis_name=None))

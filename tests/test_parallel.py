@@ -108,26 +108,13 @@ def test_shard_map_and_pmap_equal_one_device(tiny_synthetic_root, tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_from_8_devices_resumes_on_1(tiny_synthetic_root, tmp_path):
-  from conftest import TINY_SYNTHETIC, tiny_train_config
+  from conftest import tiny_cli_flags, tiny_train_config
   from oim_jax import checkpointing, train_lib
   workdir = str(tmp_path / "run")
-  flags = [f"--config.data.synthetic.{k}=" +
-           (f"({','.join(map(str, v))},)" if isinstance(v, tuple) else str(v))
-           for k, v in TINY_SYNTHETIC.items()]
   cmd = [sys.executable, os.path.join(REPO, "train.py"),
-         "--config=" + os.path.join(REPO, "configs", "synthetic.py"),
-         f"--workdir={workdir}", f"--config.data.root={tiny_synthetic_root}",
-         "--config.data.min_size=128", "--config.data.max_size=192",
-         "--config.data.num_workers=0", "--config.oim.num_labeled=8",
-         "--config.oim.queue_size=16",
-         "--config.model.rpn.pre_nms_top_n_train=200",
-         "--config.model.rpn.post_nms_top_n_train=50",
-         "--config.model.rpn.pre_nms_top_n_test=100",
-         "--config.model.rpn.post_nms_top_n_test=30",
-         "--config.model.roi.batch_size=16",
-         "--config.model.roi.detections_per_image=8",
-         "--config.model.embedding_dim=16", "--config.train.batch_size=8",
-         "--config.train.num_steps=1", "--config.eval.at_end=False", *flags]
+         f"--workdir={workdir}", *tiny_cli_flags(tiny_synthetic_root),
+         "--config.train.batch_size=8", "--config.train.num_steps=1",
+         "--config.eval.at_end=False"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True,

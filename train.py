@@ -15,13 +15,9 @@ _CPU_HOST = cpu_host.set_up()
 
 from absl import app
 from absl import flags
-from absl import logging
-import jax
 from ml_collections import config_flags
 
 from oim_jax import cli
-from oim_jax import config_defaults
-from oim_jax import launch
 from oim_jax import train_lib
 
 FLAGS = flags.FLAGS
@@ -34,11 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  config_defaults.validate(FLAGS.config)  # a bad value fails before JAX starts
-  launch.start(FLAGS.config)  # first: before anything starts JAX's devices
-  cpu_host.log(_CPU_HOST)
-  logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
-               jax.process_count(), jax.local_devices())
+  cli.start(FLAGS.config, _CPU_HOST)
   train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -23,6 +23,11 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
+
+from oim_jax import config_defaults
+from oim_jax import cpu_host
+from oim_jax import launch
 
 # Errors that carry a message for the user rather than a bug report.
 # FloatingPointError: train_lib's non-finite-loss stop.
@@ -92,3 +97,17 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
   """`app.run(main)` with JAX's absl flags and the conventions above."""
   jax.config.config_with_absl()
   app.run(_main_with_conventions(main))
+
+
+def start(config: ml_collections.ConfigDict, cpu_host_lines: list[str]) -> None:
+  """The start of train.py's and eval.py's main: check, connect, log.
+
+  The config is validated before JAX starts (a bad value costs no device
+  start-up), then jax.distributed is initialised where configured, then the
+  host lines (cpu_host.set_up) and the JAX processes and devices are logged.
+  """
+  config_defaults.validate(config)
+  launch.start(config)  # before anything else starts JAX's devices
+  cpu_host.log(cpu_host_lines)
+  logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
+               jax.process_count(), jax.local_devices())

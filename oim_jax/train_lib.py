@@ -235,6 +235,53 @@ def _fmt_eta(seconds: float) -> str:
   return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+class _TraceCounter:
+  """Counts traces of the per-device train step (make_train_step's on_trace)."""
+
+  def __init__(self):
+    self.n = 0
+
+  def __call__(self):
+    self.n += 1
+
+
+class _Evaluator:
+  """Evaluation during and after training: one Inference, compiled once.
+
+  With config.train.ema_decay > 0 the moving average is what is evaluated
+  (here and by eval.py).
+  """
+
+  def __init__(self, config, workdir, dataset, mesh, mode, use_ema, log,
+               history):
+    self.config, self.workdir, self.dataset = config, workdir, dataset
+    self.mesh, self.mode, self.use_ema = mesh, mode, use_ema
+    self.log, self.history = log, history
+    self.inference = None
+
+  def __call__(self, state, step: int) -> dict[str, Any]:
+    variables = parallel.unreplicate(
+        state.ema if self.use_ema
+        else model_variables(state.params, state.model_state), self.mode)
+    if self.inference is None:
+      self.inference = eval_lib.Inference(self.config, variables, self.mesh)
+    metrics = eval_lib.evaluate(self.config, self.workdir, params=variables,
+                                dataset=self.dataset, step=step,
+                                inference=self.inference)
+    if jax.process_index() == 0:
+      self.log.scalars("eval", metrics, step)
+      self.history.append({"step": step,
+                           **{f"eval_{k}": v for k, v in metrics.items()}})
+    return metrics
+
+
+def _save(ckpt, step: int, state, loader, config, mode: str, use_ema: bool):
+  """A checkpoint of `state` at `step`, with the input pipeline's position."""
+  meta = {"step": step, "seed": config.seed, "pipeline": loader.get_state()}
+  checkpointing.save(ckpt, step, checkpoint_items(state, mode, use_ema), meta,
+                     force=True)
+
+
 class _CompileCounter:
   """Counts XLA compilations (jax.monitoring events) while registered."""
 
@@ -468,39 +515,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.info("Resumed from step %d (%s).", step, ckpt.directory)
   state = parallel.put_replicated(state, mesh, mode)
 
-  traces = [0]
-  p_step = make_train_step(model, config, tx, mesh, mode,
-                           on_trace=lambda: traces.__setitem__(0, traces[0] + 1))
-  compiles = _CompileCounter()
+  traces, compiles = _TraceCounter(), _CompileCounter()
+  p_step = make_train_step(model, config, tx, mesh, mode, on_trace=traces)
   log = _TrainLog(workdir, history, total_steps=total_steps,
                   steps_per_epoch=steps_per_epoch,
                   batch_size=config.train.batch_size, schedule=schedule,
-                  counts=lambda: (traces[0], compiles.n))
-
-  def save(step_done: int):
-    meta = {"step": step_done, "seed": config.seed,
-            "pipeline": loader.get_state()}
-    checkpointing.save(ckpt, step_done, checkpoint_items(state, mode, use_ema),
-                       meta, force=True)
-
-  inference = []  # one eval_lib.Inference, compiled once, reused
-
-  def run_eval(step_done: int) -> dict[str, Any]:
-    # With config.train.ema_decay > 0 the moving average is what is
-    # evaluated (here and by eval.py).
-    variables = parallel.unreplicate(
-        state.ema if use_ema
-        else model_variables(state.params, state.model_state), mode)
-    if not inference:
-      inference.append(eval_lib.Inference(config, variables, mesh))
-    metrics = eval_lib.evaluate(config, workdir, params=variables,
-                                dataset=dataset, step=step_done,
-                                inference=inference[0])
-    if primary:
-      log.scalars("eval", metrics, step_done)
-      history.append({"step": step_done,
-                      **{f"eval_{k}": v for k, v in metrics.items()}})
-    return metrics
+                  counts=lambda: (traces.n, compiles.n))
+  evaluate = _Evaluator(config, workdir, dataset, mesh, mode, use_ema, log,
+                        history)
 
   def take(step_done: int, metrics):
     m = _to_floats(metrics, mode)
@@ -530,10 +552,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           take(*pending)
           pending = None
           log.flush(step)
-          save(step)
+          _save(ckpt, step, state, loader, config, mode, use_ema)
         if (eval_every > 0 and step % eval_every == 0 and step < total_steps
             and not stop):
-          run_eval(step)
+          evaluate(state, step)
           log.restart_clock()
         if stop:
           logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.",
@@ -547,7 +569,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   result = dict(log.last)
   if config.eval.at_end:
-    result.update(run_eval(step))
+    result.update(evaluate(state, step))
   log.writer.close()
   if primary:
     plot_curves(history.read(), workdir / "curves.png")

@@ -227,49 +227,57 @@ def _num(v) -> bool:
   return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _at_least(low: int, accepts: str):
+  return (lambda v: _int(v) and v >= low, accepts)
+
+
+def _in_range(low: float, high: float, accepts: str, open_low=False,
+              open_high=False):
+  def test(v):
+    return (_num(v) and (v > low if open_low else v >= low)
+            and (v < high if open_high else v <= high))
+  return (test, accepts)
+
+
+_POSITIVE_INT = _at_least(1, "a positive integer")
+_FRACTION = _in_range(0, 1, "a fraction in (0, 1]", open_low=True)
+
 # field -> (test, what the field accepts).
 _RULES = {
     "seed": (_int, "an integer"),
-    "data.min_size": (lambda v: _int(v) and v > 0, "a positive integer"),
-    "data.max_size": (lambda v: _int(v) and v > 0, "a positive integer"),
-    "data.max_gt": (lambda v: _int(v) and v > 0, "a positive integer"),
-    "data.num_workers": (lambda v: _int(v) and v >= 0, "0 or more threads"),
-    "data.prefetch_batches": (lambda v: _int(v) and v >= 1, "1 or more"),
-    "model.width": (lambda v: _int(v) and v > 0, "a positive integer"),
-    "model.head_blocks": (lambda v: _int(v) and v >= 0,
-                          "0 (the depth's own res5) or a block count"),
-    "model.wgrad_im2col_min_channels": (
-        lambda v: _int(v) and v >= -1,
-        "-1 (auto), 0 (never) or a channel count"),
-    "model.embedding_dim": (lambda v: _int(v) and v > 0, "a positive integer"),
-    "model.rpn.batch_size": (lambda v: _int(v) and v > 0, "a positive integer"),
-    "model.rpn.fg_fraction": (lambda v: _num(v) and 0 < v <= 1,
-                              "a fraction in (0, 1]"),
-    "model.roi.batch_size": (lambda v: _int(v) and v > 0, "a positive integer"),
-    "model.roi.fg_fraction": (lambda v: _num(v) and 0 < v <= 1,
-                              "a fraction in (0, 1]"),
-    "model.roi.refine_iters": (lambda v: _int(v) and v >= 0, "0 or more"),
-    "oim.num_labeled": (lambda v: _int(v) and v > 0, "a positive integer"),
-    "oim.queue_size": (lambda v: _int(v) and v >= 0, "0 or more"),
+    "data.min_size": _POSITIVE_INT,
+    "data.max_size": _POSITIVE_INT,
+    "data.max_gt": _POSITIVE_INT,
+    "data.num_workers": _at_least(0, "0 or more threads"),
+    "data.prefetch_batches": _at_least(1, "1 or more"),
+    "model.width": _POSITIVE_INT,
+    "model.head_blocks": _at_least(
+        0, "0 (the depth's own res5) or a block count"),
+    "model.wgrad_im2col_min_channels": _at_least(
+        -1, "-1 (auto), 0 (never) or a channel count"),
+    "model.embedding_dim": _POSITIVE_INT,
+    "model.rpn.batch_size": _POSITIVE_INT,
+    "model.rpn.fg_fraction": _FRACTION,
+    "model.roi.batch_size": _POSITIVE_INT,
+    "model.roi.fg_fraction": _FRACTION,
+    "model.roi.refine_iters": _at_least(0, "0 or more"),
+    "oim.num_labeled": _POSITIVE_INT,
+    "oim.queue_size": _at_least(0, "0 or more"),
     "oim.scalar": (lambda v: _num(v) and v > 0, "a positive number"),
-    "oim.momentum": (lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "train.batch_size": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "oim.momentum": _in_range(0, 1, "a number in [0, 1]"),
+    "train.batch_size": _POSITIVE_INT,
     "train.epochs": (lambda v: _num(v) and v >= 0, "0 or more"),
-    "train.num_steps": (lambda v: _int(v) and v >= 0,
-                        "0 (use epochs) or a step count"),
+    "train.num_steps": _at_least(0, "0 (use epochs) or a step count"),
     "train.lr": (lambda v: _num(v) and v > 0, "a positive number"),
-    "train.ema_decay": (lambda v: _num(v) and 0 <= v < 1,
-                        "0 (off) or a decay in (0, 1), e.g. 0.998"),
-    "train.log_every": (lambda v: _int(v) and v > 0, "a positive integer"),
-    "train.checkpoint_every": (lambda v: _int(v) and v > 0,
-                               "a positive step count"),
-    "eval.every_steps": (lambda v: _int(v) and v >= 0,
-                         "0 (only at the end) or a step count"),
+    "train.ema_decay": _in_range(
+        0, 1, "0 (off) or a decay in (0, 1), e.g. 0.998", open_high=True),
+    "train.log_every": _POSITIVE_INT,
+    "train.checkpoint_every": _at_least(1, "a positive step count"),
+    "eval.every_steps": _at_least(0, "0 (only at the end) or a step count"),
     "eval.gallery_size": (lambda v: _int(v) and (v == -1 or v > 0),
                           "-1 (the whole test set) or a gallery size"),
-    "eval.batch_size": (lambda v: _int(v) and v > 0, "a positive integer"),
-    "eval.det_thresh": (lambda v: _num(v) and 0 <= v <= 1,
-                        "a score in [0, 1]"),
+    "eval.batch_size": _POSITIVE_INT,
+    "eval.det_thresh": _in_range(0, 1, "a score in [0, 1]"),
 }
 
 _MISSING = object()
@@ -307,30 +315,30 @@ def _errors(config, fields) -> list[str]:
   return errors
 
 
-def _cross_field_errors(config) -> list[str]:
-  errors = []
-  data, model = config.get("data"), config.get("model")
-  if data is not None and "min_size" in data and "max_size" in data:
-    if _int(data.max_size) and _int(data.min_size) and (
-        data.max_size < data.min_size):
-      errors.append(f"config.data.max_size={data.max_size} is below "
-                    f"config.data.min_size={data.min_size}: use max_size >= "
-                    "min_size")
+def _data_errors(config) -> list[str]:
+  data = config.get("data")
+  if (data is not None and _int(data.get("min_size"))
+      and _int(data.get("max_size")) and data.max_size < data.min_size):
+    return [f"config.data.max_size={data.max_size} is below "
+            f"config.data.min_size={data.min_size}: use max_size >= min_size"]
+  return []
+
+
+def _model_errors(config) -> list[str]:
+  model = config.get("model")
   if model is not None and "rpn" in model:
-    allowed = (0, model.get("stride", 16), 16)
-    if model.rpn.get("stride", 0) not in allowed:
-      errors.append(f"config.model.rpn.stride={model.rpn.stride!r}: use 0 "
-                    f"(C4's own) or 16 (C4 averaged over 2x2 cells when "
-                    f"config.model.stride=8)")
-  return errors
+    if model.rpn.get("stride", 0) not in (0, model.get("stride", 16), 16):
+      return [f"config.model.rpn.stride={model.rpn.stride!r}: use 0 (C4's "
+              "own) or 16 (C4 averaged over 2x2 cells when "
+              "config.model.stride=8)"]
+  return []
 
 
 def validate_model(config) -> None:
   """The model's and OIM's fields of `validate` (create_model calls this)."""
   fields = [f for f in (*CHOICES, *_RULES)
             if f.startswith(("model.", "oim."))]
-  errors = _errors(config, fields)
-  errors += [e for e in _cross_field_errors(config) if "model." in e]
+  errors = _errors(config, fields) + _model_errors(config)
   if errors:
     raise ValueError("; ".join(errors))
 
@@ -344,7 +352,8 @@ def validate(config, num_devices: Optional[int] = None) -> None:
     num_devices: when given, train.batch_size must be a multiple of it (the
       global batch is split evenly over the devices).
   """
-  errors = _errors(config, (*CHOICES, *_RULES)) + _cross_field_errors(config)
+  errors = (_errors(config, (*CHOICES, *_RULES)) + _data_errors(config)
+            + _model_errors(config))
   if num_devices and not errors:
     batch = _lookup(config, "train.batch_size")
     if batch is not _MISSING and batch % num_devices:

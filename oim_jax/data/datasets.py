@@ -6,12 +6,13 @@ import os
 
 import ml_collections
 
+from oim_jax import config_defaults
 from oim_jax.data import cuhk_sysu
 from oim_jax.data import prw
 from oim_jax.data import synthetic
 from oim_jax.data.dataset import SearchDataset
 
-DATASETS = ("synthetic", "cuhk_sysu", "prw")
+DATASETS = config_defaults.CHOICES["data.dataset"]
 
 
 def load_dataset(data_config: ml_collections.ConfigDict) -> SearchDataset:
@@ -35,5 +36,4 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> SearchDataset:
     return cuhk_sysu.load(root)
   if name == "prw":
     return prw.load(root)
-  raise ValueError(f"config.data.dataset must be one of {DATASETS}, got "
-                   f"{name!r}.")
+  raise ValueError(config_defaults.choice_error("data.dataset", name))

@@ -234,16 +234,24 @@ def test_create_model_resolves_backend_choices_for_the_platform(
   model = ps.create_model(config, platform=platform)
   assert model.platform == {"cuda": "gpu", "rocm": "gpu"}.get(
       platform, platform or "cpu")
-  assert model.wgrad_im2col_min_channels == im2col
-  assert model.space_to_depth_stem == s2d
+  assert _conv_option(model.conv3x3, "wgrad_im2col_min_channels") == im2col
+  assert _conv_option(model.stem_conv, "space_to_depth") == s2d
   assert model.roi_align_method == method
   # An explicit threshold wins everywhere; space-to-depth only ever on CPU.
   config.model.wgrad_im2col_min_channels = 16
   config.model.stem_space_to_depth = False
   model = ps.create_model(config, axis_name="data", platform=platform)
-  assert model.wgrad_im2col_min_channels == 16
-  assert not model.space_to_depth_stem
+  assert _conv_option(model.conv3x3, "wgrad_im2col_min_channels") == 16
+  assert model.stem_conv is resnet.StemConv
   assert model.axis_name == "data"
+
+
+def _conv_option(conv_module, name):
+  """The option a conv module (class or partial) is built with."""
+  if conv_module in (resnet.StemConv, resnet.Conv3x3):
+    return getattr(conv_module, name)  # the class default
+  assert conv_module.func in (resnet.StemConv, resnet.Conv3x3)
+  return conv_module.keywords[name]
 
 
 def test_create_model_rejects_an_unknown_platform():

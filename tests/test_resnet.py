@@ -1,11 +1,15 @@
 """ResNet stem/head: parameter counts, shapes, dtypes, freezing."""
 
+import functools
+
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from oim_jax.models import resnet
+from oim_jax.models import rpn
 
 
 def test_resnet50_trunk_matches_torchvision_count():
@@ -308,3 +312,60 @@ def test_head_blocks_drops_res5_blocks_after_the_first():
   np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6,
                              atol=1e-6)
   assert float(jnp.abs(a).max()) > 0
+
+
+def _primitive_counts(fn, *args):
+  """{primitive name: count} over a function's jaxpr (sub-jaxprs included)."""
+  counts = {}
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return counts
+
+
+def test_conv_modules_are_used_by_every_layer():
+  """The conv3x3 / stem_conv module arguments reach every 3x3 conv and conv1.
+
+  With an im2col weight gradient from 1 channel, each trainable 3x3 conv's
+  weight gradient becomes one matmul, so the gradient's matmul count grows
+  by exactly the number of 3x3 convs: ResNet-18's res2..res4 have 12, its
+  res5 4, the RPN head 1.
+  """
+  im2col = functools.partial(resnet.Conv3x3, wgrad_im2col_min_channels=1)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 64, 64, 3))
+  rois = jax.random.normal(jax.random.PRNGKey(1), (2, 14, 14, 32))
+  modules = {
+      "stem": (lambda c: resnet.ResNetStem(18, 8, freeze_at=0, conv3x3=c),
+               x, 12),
+      "head": (lambda c: resnet.ResNetHead(18, 8, conv3x3=c), rois, 4),
+      "rpn": (lambda c: rpn.RPNHead(3, 32, conv3x3=c), rois, 1),
+  }
+  for name, (build, inp, n3x3) in modules.items():
+    counts = []
+    for conv3x3 in (resnet.Conv3x3, im2col):
+      module = build(conv3x3)
+      params = module.init(jax.random.PRNGKey(2), inp)
+      loss = lambda p, m=module: sum(
+          jnp.sum(jnp.square(y)) for y in jax.tree.leaves(m.apply(p, inp)))
+      counts.append(_primitive_counts(jax.grad(loss), params))
+    plain, mine = counts
+    assert (mine.get("dot_general", 0) - plain.get("dot_general", 0)
+            == n3x3), name
+
+  # conv1: the space-to-depth form (same numbers, another convolution).
+  s2d = functools.partial(resnet.StemConv, space_to_depth=True)
+  plain, mine = resnet.ResNetStem(18, 8), resnet.ResNetStem(18, 8,
+                                                            stem_conv=s2d)
+  params = plain.init(jax.random.PRNGKey(2), x)
+  np.testing.assert_allclose(mine.apply(params, x), plain.apply(params, x),
+                             rtol=1e-4, atol=1e-4)
+  first_conv = lambda m: next(
+      e for e in jax.make_jaxpr(lambda p: m.apply(p, x))(params).jaxpr.eqns
+      if e.primitive.name == "conv_general_dilated")
+  assert first_conv(plain).params["window_strides"] == (2, 2)
+  assert first_conv(mine).params["window_strides"] == (1, 1)

@@ -22,7 +22,8 @@ their defaults: oim_jax/config_defaults.py); `params` is the
 (x1, y1, x2, y2) of the resized canvas.
 """
 
-from typing import Any
+import functools
+from typing import Any, Tuple
 
 import flax
 import flax.linen as nn
@@ -93,6 +94,24 @@ def stem_space_to_depth(model_config, platform=None) -> bool:
           and resolve_platform(platform) == "cpu")
 
 
+def conv_modules(model_config, platform=None
+                 ) -> Tuple[resnet.ModuleDef, resnet.ModuleDef]:
+  """(stem_conv, conv3x3): the backbone's and RPN's conv modules for `platform`.
+
+  The plain XLA convolutions, or on CPU (as the config asks) their CPU-only
+  forms with the same parameters and numbers: conv1 over 2x2 pixel blocks,
+  3x3 weight gradients as im2col matmuls.
+  """
+  stem_conv, conv3x3 = resnet.StemConv, resnet.Conv3x3
+  if stem_space_to_depth(model_config, platform):
+    stem_conv = functools.partial(resnet.StemConv, space_to_depth=True)
+  min_channels = wgrad_im2col_min_channels(model_config, platform)
+  if min_channels:
+    conv3x3 = functools.partial(resnet.Conv3x3,
+                                wgrad_im2col_min_channels=min_channels)
+  return stem_conv, conv3x3
+
+
 def roi_align_method(platform=None) -> str:
   """RoIAlign formulation for `platform`: "gather" (CPU, GPU), "einsum" (TPU)."""
   return _ROI_ALIGN_METHOD[resolve_platform(platform)]
@@ -106,35 +125,35 @@ class PersonSearch(nn.Module):
     num_softmax_classes: > 0 adds the softmax-baseline identity classifier
       (config.oim.loss == "softmax") with that many classes.
     axis_name: data-parallel axis (synchronised BN neck).
-    platform, wgrad_im2col_min_channels, roi_align_method,
-    space_to_depth_stem: the backend-specific choices, resolved for the
-      target platform by `create_model` (the defaults suit any platform).
-      Fixed when the model is built, so that tracing for another platform
-      (export, AOT compilation) does not pick the host's code paths.
+    platform, stem_conv, conv3x3, roi_align_method: the backend-specific
+      choices, resolved for the target platform by `create_model` (the
+      defaults suit any platform; `conv_modules`). Fixed when the model is
+      built, so that tracing for another platform (export, AOT
+      compilation) does not pick the host's code paths.
   """
   config: Any
   num_softmax_classes: int = 0
   axis_name: Any = None
   platform: str = ""  # "cpu" | "gpu" | "tpu"; informational
-  wgrad_im2col_min_channels: int = 0  # see resnet.Conv3x3 (0 = never)
+  stem_conv: resnet.ModuleDef = resnet.StemConv
+  conv3x3: resnet.ModuleDef = resnet.Conv3x3
   roi_align_method: str = "gather"  # ops.roi_align `method`
-  space_to_depth_stem: bool = False  # conv1 as resnet.StemConv's 4x4 form
 
   def setup(self):
     c = self.config
     dtype = _dtype(c)
     c4 = resnet.stem_channels(c.depth, c.width)
-    im2col = self.wgrad_im2col_min_channels
     self.stem = resnet.ResNetStem(c.depth, c.width, c.freeze_at, c.train_bn,
                                   c.zero_init_residual, dtype, c.norm_groups,
-                                  c.stride, self.space_to_depth_stem, im2col)
+                                  c.stride, stem_conv=self.stem_conv,
+                                  conv3x3=self.conv3x3)
     self.rpn_head = rpn.RPNHead(ops.num_anchors(c.anchor_sizes,
                                                 c.anchor_ratios),
-                                c.rpn.channels or c4, dtype, im2col)
+                                c.rpn.channels or c4, dtype,
+                                conv3x3=self.conv3x3)
     self.res5 = resnet.ResNetHead(c.depth, c.width, c.train_bn,
                                   c.zero_init_residual, dtype, c.norm_groups,
-                                  pool=False,
-                                  wgrad_im2col_min_channels=im2col,
+                                  pool=False, conv3x3=self.conv3x3,
                                   blocks=c.get("head_blocks", 0))
     self.predictor = roi_heads.BoxPredictor(c.embedding_dim,
                                             c.embedding_norm, dtype,
@@ -366,14 +385,12 @@ def create_model(config, axis_name=None, platform=None) -> PersonSearch:
   config_defaults.validate_model(config)
   target = resolve_platform(platform)
   loss = config.oim.loss
-  m = config.model
+  stem_conv, conv3x3 = conv_modules(config.model, target)
   return PersonSearch(
       ml_collections.FrozenConfigDict(config.model),
       config.oim.num_labeled if loss == "softmax" else 0, axis_name,
-      platform=target,
-      wgrad_im2col_min_channels=wgrad_im2col_min_channels(m, target),
-      roi_align_method=roi_align_method(target),
-      space_to_depth_stem=stem_space_to_depth(m, target))
+      platform=target, stem_conv=stem_conv, conv3x3=conv3x3,
+      roi_align_method=roi_align_method(target))
 
 
 def init_variables(model: PersonSearch, config, rng, pretrained: bool = True):

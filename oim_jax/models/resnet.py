@@ -18,6 +18,13 @@ frozen, 2 = conv1 and stage 1 (res2) frozen (default), 3 = also res3,
 4 = also res4 (the whole stem). Frozen stages are cut off from the gradient
 with `stop_gradient` on their output (no backward pass through them at all)
 and excluded in the optimizer mask (so weight decay does not touch them).
+
+The convolution implementations are module arguments, as flax's ResNet
+example takes `conv`: `stem_conv` (conv1) and `conv3x3` (every 3x3 conv) are
+a module class or a `functools.partial` of one. The defaults are the plain
+XLA convolutions; `person_search.create_model` passes the CPU-only forms
+(`StemConv` with space-to-depth, `Conv3x3` with an im2col weight gradient)
+when it builds a model for CPU, so no layer sees a platform option.
 """
 
 from typing import Any, Sequence, Tuple
@@ -44,6 +51,9 @@ BN_EPSILON = 1e-5
 # export contains neither.
 SPACE_TO_DEPTH_SCOPE = "cpu_space_to_depth_stem"
 IM2COL_WGRAD_SCOPE = "cpu_im2col_wgrad"
+
+# A module class or a functools.partial of one (flax examples' ModuleDef).
+ModuleDef = Any
 
 # He-normal on fan-out, as torchvision initialises ResNet convolutions.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -188,12 +198,11 @@ class Conv3x3(nn.Module):
     return y
 
 
-def _conv(features, kernel, strides, dtype, name, wgrad_im2col_min_channels):
+def _conv(features, kernel, strides, dtype, name, conv3x3):
   if kernel == 1:
     return Conv1x1(features, strides, dtype, name=name)
   if kernel == 3:
-    return Conv3x3(features, strides, dtype, name=name,
-                   wgrad_im2col_min_channels=wgrad_im2col_min_channels)
+    return conv3x3(features, strides, dtype, name=name)
   raise ValueError(f"no {kernel}x{kernel} convolution in these blocks")
 
 
@@ -270,7 +279,7 @@ class BasicBlock(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   norm_groups: int = 0
-  wgrad_im2col_min_channels: int = 0  # see Conv3x3
+  conv3x3: ModuleDef = Conv3x3
   expansion = 1
 
   @nn.compact
@@ -279,7 +288,7 @@ class BasicBlock(nn.Module):
     bn = lambda name, zero=False: FrozenBatchNorm(
         self.train_bn, zero, self.dtype, self.norm_groups, name=name)
     conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name,
-                                       self.wgrad_im2col_min_channels)
+                                       self.conv3x3)
     y = conv(self.planes, 3, self.strides, "conv1")(x)
     y = nn.relu(bn("bn1")(y))
     y = conv(self.planes, 3, 1, "conv2")(y)
@@ -299,7 +308,7 @@ class Bottleneck(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   norm_groups: int = 0
-  wgrad_im2col_min_channels: int = 0  # see Conv3x3
+  conv3x3: ModuleDef = Conv3x3
   expansion = 4
 
   @nn.compact
@@ -308,7 +317,7 @@ class Bottleneck(nn.Module):
     bn = lambda name, zero=False: FrozenBatchNorm(
         self.train_bn, zero, self.dtype, self.norm_groups, name=name)
     conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name,
-                                       self.wgrad_im2col_min_channels)
+                                       self.conv3x3)
     y = conv(self.planes, 1, 1, "conv1")(x)
     y = nn.relu(bn("bn1")(y))
     y = conv(self.planes, 3, self.strides, "conv2")(y)
@@ -322,7 +331,7 @@ class Bottleneck(nn.Module):
 
 
 def _stage(x, depth, width, stage, first_stride, train_bn, zero_init_residual,
-           dtype, norm_groups=0, wgrad_im2col_min_channels=0, blocks=0):
+           dtype, norm_groups=0, conv3x3=Conv3x3, blocks=0):
   block_cls = Bottleneck if is_bottleneck(depth) else BasicBlock
   planes = width * 2 ** (stage - 1)
   for b in range(blocks or STAGE_BLOCKS[depth][stage - 1]):
@@ -331,8 +340,7 @@ def _stage(x, depth, width, stage, first_stride, train_bn, zero_init_residual,
     downsample = b == 0 and (strides != 1 or
                              x.shape[-1] != planes * block_cls.expansion)
     x = block_cls(planes, strides, downsample, train_bn, zero_init_residual,
-                  dtype, norm_groups, wgrad_im2col_min_channels,
-                  name=f"layer{stage}_{b}")(x)
+                  dtype, norm_groups, conv3x3, name=f"layer{stage}_{b}")(x)
   return x
 
 
@@ -380,9 +388,8 @@ class ResNetStem(nn.Module):
     stride: output stride, 16 (standard) or 8 (res4 keeps res3's resolution:
       finer RoI features for small people at 4x the res4 cost; same
       parameters, so ImageNet weights still load).
-    space_to_depth: compute conv1 as a 4x4 convolution over 2x2 pixel
-      blocks (StemConv): same numbers, faster on CPU for narrow stems.
-    wgrad_im2col_min_channels: see Conv3x3 (0 = never).
+    stem_conv: conv1's module (StemConv or a partial of it).
+    conv3x3: the 3x3 convolutions' module (Conv3x3 or a partial of it).
   """
   depth: int = 50
   width: int = 64
@@ -392,8 +399,8 @@ class ResNetStem(nn.Module):
   dtype: Any = jnp.float32
   norm_groups: int = 0
   stride: int = 16
-  space_to_depth: bool = False  # conv1 computed as in StemConv (same numbers)
-  wgrad_im2col_min_channels: int = 0
+  stem_conv: ModuleDef = StemConv
+  conv3x3: ModuleDef = Conv3x3
 
   @nn.compact
   def __call__(self, x):
@@ -402,8 +409,7 @@ class ResNetStem(nn.Module):
     if self.stride not in (8, 16):
       raise ValueError(f"model.stride={self.stride}: use 16 or 8")
     x = x.astype(self.dtype)
-    x = StemConv(self.width, self.dtype, self.space_to_depth,
-                 name="conv1")(x)
+    x = self.stem_conv(self.width, self.dtype, name="conv1")(x)
     x = nn.relu(FrozenBatchNorm(self.train_bn, False, self.dtype,
                                 self.norm_groups, name="bn1")(x))
     x = max_pool_3x3_s2(x)
@@ -413,7 +419,7 @@ class ResNetStem(nn.Module):
     for stage, stride in ((1, 1), (2, 2), (3, res4_stride)):
       x = _stage(x, self.depth, self.width, stage, stride, self.train_bn,
                  self.zero_init_residual, self.dtype, self.norm_groups,
-                 self.wgrad_im2col_min_channels)
+                 self.conv3x3)
       if self.freeze_at >= stage + 1:
         x = jax.lax.stop_gradient(x)
     return x
@@ -428,7 +434,7 @@ class ResNetHead(nn.Module):
   Attributes:
     pool: average-pool to [K, C5] (True) or return the map [K, h/2, w/2, C5]
       (the caller pools; the detection predictor may keep the layout).
-    wgrad_im2col_min_channels: see Conv3x3 (0 = never).
+    conv3x3: the 3x3 convolutions' module (Conv3x3 or a partial of it).
     blocks: residual blocks in res5; 0 = the depth's own (STAGE_BLOCKS).
   """
   depth: int = 50
@@ -438,7 +444,7 @@ class ResNetHead(nn.Module):
   dtype: Any = jnp.float32
   norm_groups: int = 0
   pool: bool = True
-  wgrad_im2col_min_channels: int = 0
+  conv3x3: ModuleDef = Conv3x3
   blocks: int = 0
 
   @nn.compact
@@ -446,7 +452,7 @@ class ResNetHead(nn.Module):
     """x: [K, h, w, C4] -> pooled [K, C5] (or [K, h/2, w/2, C5]) float32."""
     x = _stage(x.astype(self.dtype), self.depth, self.width, 4, 2,
                self.train_bn, self.zero_init_residual, self.dtype,
-               self.norm_groups, self.wgrad_im2col_min_channels, self.blocks)
+               self.norm_groups, self.conv3x3, self.blocks)
     x = x.astype(jnp.float32)
     return jnp.mean(x, axis=(1, 2)) if self.pool else x
 

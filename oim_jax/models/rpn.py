@@ -29,13 +29,12 @@ class RPNHead(nn.Module):
     num_anchors: A, anchors per feature-map cell.
     channels: channels of the 3x3 conv (torchvision: = input channels).
     dtype: compute dtype; outputs are float32.
-    wgrad_im2col_min_channels: the 3x3 conv's weight gradient as an im2col
-      matmul from this many input channels (resnet.Conv3x3; 0 = never).
+    conv3x3: the 3x3 conv's module (resnet.Conv3x3 or a partial of it).
   """
   num_anchors: int
   channels: int
   dtype: Any = jnp.float32
-  wgrad_im2col_min_channels: int = 0  # see resnet.Conv3x3
+  conv3x3: resnet.ModuleDef = resnet.Conv3x3
 
   @nn.compact
   def __call__(self, x):
@@ -44,11 +43,8 @@ class RPNHead(nn.Module):
     conv = lambda f, name: nn.Conv(
         f, (1, 1), padding="SAME", kernel_init=init, dtype=self.dtype,
         param_dtype=jnp.float32, name=name)
-    t = resnet.Conv3x3(self.channels, 1, self.dtype, use_bias=True,
-                       kernel_init=init, name="conv",
-                       wgrad_im2col_min_channels=(
-                           self.wgrad_im2col_min_channels))(
-                               x.astype(self.dtype))
+    t = self.conv3x3(self.channels, 1, self.dtype, use_bias=True,
+                     kernel_init=init, name="conv")(x.astype(self.dtype))
     t = nn.relu(t)
     logits = conv(self.num_anchors, "cls_logits")(t)
     deltas = conv(self.num_anchors * 4, "bbox_pred")(t)

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -142,15 +143,17 @@ def test_bad_sampling_ratio_is_rejected():
     ops.roi_align(feat, boxes, idx, _OUT, _SCALE, 0)
 
 
+@pytest.mark.parametrize("method", ["gather", "einsum"])
 @pytest.mark.parametrize("aligned", [False, True])
-def test_per_image_matches_loop_forward_and_gradient(aligned):
+def test_per_image_matches_loop_forward_and_gradient(aligned, method):
   feat, boxes, _ = _case(4)
   per_image = np.stack([boxes, boxes[::-1]])  # [2, 6, 4]: 6 boxes per image
   idx = np.repeat([0, 1], 6)
   g = np.random.default_rng(5).normal(size=(2, 6) + _OUT + (3,))
 
   def fn(f):
-    return ops.roi_align_per_image(f, per_image, _OUT, _SCALE, _RATIO, aligned)
+    return ops.roi_align_per_image(f, per_image, _OUT, _SCALE, _RATIO, aligned,
+                                   method=method, chunk=4)  # 2 chunks + pad
   out = np.asarray(jax.jit(fn)(feat))
   flat = per_image.reshape(12, 4)
   np.testing.assert_allclose(
@@ -163,6 +166,34 @@ def test_per_image_matches_loop_forward_and_gradient(aligned):
                       grad_out=g.reshape((12,) + _OUT + (3,)))
   np.testing.assert_allclose(grad, ref, rtol=1e-5, atol=1e-5)
   assert np.abs(ref[0]).sum() > 0 and np.abs(ref[1]).sum() > 0
+
+
+def test_per_image_einsum_keeps_bfloat16_maps_and_no_image_one_hot():
+  feat, boxes, _ = _case(8)
+  per_image = np.stack([boxes, boxes[::-1]])  # [2, 6, 4]
+  feat16 = jnp.asarray(feat, jnp.bfloat16)
+  fn = lambda f: ops.roi_align_per_image(f, per_image, _OUT, _SCALE, _RATIO,
+                                         method="einsum")
+  out = np.asarray(jax.jit(fn)(feat16), np.float32)
+  # Against the reference on the bfloat16-rounded map: only the weights'
+  # and the intermediate's bfloat16 rounding differ.
+  ref = _np_roi_align(np.asarray(feat16, np.float32), per_image.reshape(12, 4),
+                      np.repeat([0, 1], 6), _OUT, _SCALE, _RATIO, False)
+  np.testing.assert_allclose(out.reshape(ref.shape), ref, rtol=3e-2,
+                             atol=3e-2)
+  # Nothing of the map's size in float32, and no [K, N] image one-hot.
+  def check(jaxpr):
+    for eqn in jaxpr.eqns:
+      for v in eqn.outvars:
+        assert not (v.aval.shape[-3:] == feat.shape[1:]
+                    and v.aval.dtype == jnp.float32), eqn
+        assert v.aval.shape != (12, 2), eqn
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        check(sub)
+      checked.append(eqn.primitive.name)
+  checked = []
+  check(jax.make_jaxpr(fn)(feat16).jaxpr)
+  assert "dot_general" in checked  # the sub-jaxprs were visited
 
 
 def test_per_image_gradient_in_chunks(monkeypatch):

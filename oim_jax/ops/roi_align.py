@@ -151,23 +151,41 @@ def _axis_matrix(low, high, w_low, w_high, size, ratio):
   return jnp.sum(m, axis=2) / jnp.float32(ratio)
 
 
+def _einsum_one_image(fmap, wy, wx, chunk):
+  """fmap [H, W, C], wy [K, oh, H], wx [K, ow, W] -> [K, oh, ow, C].
+
+  The weights go to the map's dtype (bfloat16 models read bfloat16, not a
+  float32 copy of the map; TPU matmuls round float32 operands to bfloat16
+  at default precision anyway); products accumulate in float32.
+  """
+  h, w, _ = fmap.shape
+  wy, wx = wy.astype(fmap.dtype), wx.astype(fmap.dtype)
+  mm = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+
+  def one_chunk(args):
+    wy_c, wx_c = args
+    if w >= h:  # contract the longer axis first: smaller intermediate
+      t = mm("kjw,hwc->kjhc", wx_c, fmap).astype(fmap.dtype)
+      return mm("kih,kjhc->kijc", wy_c, t)
+    t = mm("kih,hwc->kiwc", wy_c, fmap).astype(fmap.dtype)
+    return mm("kjw,kiwc->kijc", wx_c, t)
+
+  return _map_chunks(one_chunk, (wy, wx), chunk)
+
+
 def _roi_align_einsum(features, box_indices, ys, xs, ratio, chunk):
   n, h, w, c = features.shape
   wy = _axis_matrix(*ys, h, ratio)  # [K, oh, H]
   wx = _axis_matrix(*xs, w, ratio)  # [K, ow, W]
+  if n == 1:
+    return _einsum_one_image(features[0], wy, wx, chunk)
+  # Boxes of any image: the image one-hot joins the first contraction
+  # (roi_align_per_image avoids it when the boxes are grouped by image).
   img = jax.nn.one_hot(box_indices, n, dtype=features.dtype)  # [K, N]
-  x_first = w >= h  # contract the longer axis first: smaller intermediate
+  x_first = w >= h
 
   def one_chunk(args):
     wy_c, wx_c, img_c = args
-    if n == 1:
-      fmap = features[0]
-      if x_first:
-        t = jnp.einsum("kjw,hwc->kjhc", wx_c, fmap)
-        return jnp.einsum("kih,kjhc->kijc", wy_c, t)
-      t = jnp.einsum("kih,hwc->kiwc", wy_c, fmap)
-      return jnp.einsum("kjw,kiwc->kijc", wx_c, t)
-    # Several images: the image one-hot joins the first contraction.
     if x_first:
       t = jnp.einsum("kjw,kn,nhwc->kjhc", wx_c, img_c, features)
       return jnp.einsum("kih,kjhc->kijc", wy_c, t)
@@ -241,10 +259,27 @@ def roi_align_per_image(features, boxes,
 def _per_image(features, boxes, static):
   out_hw, scale, ratio, aligned, method, chunk = static[:6]
   n, k = boxes.shape[:2]
+  if method == "einsum":
+    # Each image's boxes against its own map: no [K, N] image one-hot.
+    wy, wx = _weight_matrices(boxes, out_hw, scale, ratio, aligned,
+                              features.shape[1:3])
+    out = jax.vmap(functools.partial(_einsum_one_image, chunk=chunk))(
+        features, wy, wx)
+    return out.astype(features.dtype)
   idx = jnp.repeat(jnp.arange(n, dtype=jnp.int32), k)
   out = roi_align(features, boxes.reshape(n * k, 4), idx, out_hw, scale,
                   ratio, aligned, method, chunk)
   return out.reshape((n, k) + out.shape[1:])
+
+
+def _weight_matrices(boxes, out_hw, scale, ratio, aligned, hw):
+  """boxes [N, K, 4] -> Wy [N, K, oh, H], Wx [N, K, ow, W] (float32)."""
+  (n, k), (oh, ow), (h, w) = boxes.shape[:2], out_hw, hw
+  x1, y1, bin_h, bin_w = _roi_geometry(boxes.reshape(n * k, 4), scale,
+                                       out_hw, aligned)
+  wy = _axis_matrix(*_axis_samples(y1, bin_h, oh, ratio, h), h, ratio)
+  wx = _axis_matrix(*_axis_samples(x1, bin_w, ow, ratio, w), w, ratio)
+  return wy.reshape(n, k, oh, h), wx.reshape(n, k, ow, w)
 
 
 def _per_image_fwd(features, boxes, static):
@@ -255,12 +290,7 @@ def _per_image_bwd(static, boxes, g):
   """g [N, K, oh, ow, C] -> (d features [N, H, W, C], zero d boxes)."""
   (oh, ow), scale, ratio, aligned, _, _, (n, h, w, c), dtype = static
   k = boxes.shape[1]
-  x1, y1, bin_h, bin_w = _roi_geometry(boxes.reshape(n * k, 4), scale,
-                                       (oh, ow), aligned)
-  wy = _axis_matrix(*_axis_samples(y1, bin_h, oh, ratio, h), h, ratio)
-  wx = _axis_matrix(*_axis_samples(x1, bin_w, ow, ratio, w), w, ratio)
-  wy = wy.reshape(n, k, oh, h)
-  wx = wx.reshape(n, k, ow, w)
+  wy, wx = _weight_matrices(boxes, (oh, ow), scale, ratio, aligned, (h, w))
   g = g.astype(jnp.float32)  # accumulate in float32 (bfloat16 models too)
   # The y contraction first: [chunk, H, ow, C] per image is the largest
   # intermediate; chunks of RoIs bound it and accumulate.

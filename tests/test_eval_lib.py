@@ -17,20 +17,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _eval_cmd(root, workdir, *extra):
-  from conftest import TINY_SYNTHETIC
-  flags = [f"--config.data.synthetic.{k}=" +
-           (f"({','.join(map(str, v))},)" if isinstance(v, tuple) else str(v))
-           for k, v in TINY_SYNTHETIC.items()]
+  """eval.py on a workdir trained with conftest.tiny_train_config."""
+  from conftest import tiny_cli_flags
   return [sys.executable, os.path.join(REPO, "eval.py"),
-          "--config=" + os.path.join(REPO, "configs", "synthetic.py"),
-          f"--workdir={workdir}", f"--config.data.root={root}",
-          "--config.data.min_size=128", "--config.data.max_size=192",
-          "--config.oim.num_labeled=8", "--config.oim.queue_size=16",
-          "--config.model.rpn.pre_nms_top_n_test=100",
-          "--config.model.rpn.post_nms_top_n_test=30",
-          "--config.model.roi.detections_per_image=8",
-          "--config.model.embedding_dim=16", "--config.eval.batch_size=4",
-          *flags, *extra]
+          f"--workdir={workdir}", *tiny_cli_flags(root), *extra]
 
 
 @pytest.mark.slow

@@ -66,18 +66,14 @@ def test_same_seed_is_bit_identical_and_resume_matches(tiny_synthetic_root,
 
 
 def _train_cmd(root, workdir, steps):
+  """train.py on the tiny config: a checkpoint every step, async saves."""
+  from conftest import tiny_cli_flags
   return [sys.executable, os.path.join(REPO, "train.py"),
-          "--config=" + os.path.join(REPO, "configs", "synthetic.py"),
-          f"--workdir={workdir}", f"--config.data.root={root}",
-          "--config.data.min_size=128", "--config.data.max_size=192",
-          "--config.data.num_workers=1", "--config.oim.num_labeled=8",
-          "--config.oim.queue_size=16",
-          "--config.model.rpn.pre_nms_top_n_train=200",
-          "--config.model.rpn.post_nms_top_n_train=50",
-          "--config.model.roi.batch_size=16", "--config.model.embedding_dim=16",
+          f"--workdir={workdir}", *tiny_cli_flags(root),
+          "--config.data.num_workers=1",
+          "--config.train.async_checkpoints=True",
           "--config.train.batch_size=2", f"--config.train.num_steps={steps}",
-          "--config.train.checkpoint_every=1", "--config.train.log_every=1",
-          "--config.eval.at_end=False"]
+          "--config.train.checkpoint_every=1", "--config.eval.at_end=False"]
 
 
 def _env():
@@ -95,14 +91,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_synthetic_root,
   del synthetic
   steps = 6
   ref, crashed = str(tmp_path / "ref"), str(tmp_path / "crashed")
-  # Synthetic sizes come from the dataset's manifest: pass the same ones.
-  extra = [f"--config.data.synthetic.{k}={v}" for k, v in
-           _tiny_synthetic_flags().items()]
-  subprocess.run(_train_cmd(tiny_synthetic_root, ref, steps) + extra,
+  subprocess.run(_train_cmd(tiny_synthetic_root, ref, steps),
                  env=_env(), check=True, capture_output=True, timeout=900)
 
-  proc = subprocess.Popen(_train_cmd(tiny_synthetic_root, crashed, steps) +
-                          extra, env=_env(), stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(_train_cmd(tiny_synthetic_root, crashed, steps),
+                          env=_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   # Kill at a random point after the first checkpoint exists.
   kill_after = random.Random(os.getpid()).randint(1, steps - 2)
@@ -120,20 +113,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_synthetic_root,
   killed_at = _final_state(crashed)[0]
   assert killed_at < steps
 
-  subprocess.run(_train_cmd(tiny_synthetic_root, crashed, steps) + extra,
+  subprocess.run(_train_cmd(tiny_synthetic_root, crashed, steps),
                  env=_env(), check=True, capture_output=True, timeout=900)
   step_ref, state_ref = _final_state(ref)
   step_res, state_res = _final_state(crashed)
   assert step_ref == step_res == steps
   _assert_trees_equal(state_ref, state_res)
-
-
-def _tiny_synthetic_flags():
-  from conftest import TINY_SYNTHETIC
-  flags = {}
-  for k, v in TINY_SYNTHETIC.items():
-    flags[k] = f"({','.join(map(str, v))},)" if isinstance(v, tuple) else v
-  return flags
 
 
 def test_config_errors_fail_before_compiling(tiny_synthetic_root, tmp_path):
@@ -189,10 +174,8 @@ def test_non_finite_loss_stops_without_checkpointing_it(tiny_synthetic_root,
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tiny_synthetic_root, tmp_path):
-  extra = [f"--config.data.synthetic.{k}={v}" for k, v in
-           _tiny_synthetic_flags().items()]
   workdir = str(tmp_path / "term")
-  cmd = _train_cmd(tiny_synthetic_root, workdir, 200) + extra + [
+  cmd = _train_cmd(tiny_synthetic_root, workdir, 200) + [
       "--config.train.checkpoint_every=1000"]
   proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)

@@ -15,11 +15,23 @@ One parameter is exempt: the embedding layer's bias sits right before a
 BatchNorm, so its exact gradient is zero and what reaches it is rounding
 noise (~1e-9). The synthetic config's Adam divides that noise by its own
 magnitude and moves the bias by up to lr (1e-3) per step, in a direction the
-summation order decides (measured: 5e-4 apart after 6 steps, every other
-parameter within 1e-6). The test checks instead that its gradient moments
-are at noise level in both runs; with SGD (tried) the bias agrees too, but
-6 steps of SGD leave the model finding no labeled person (mAP 0), which
-would make the metrics comparison empty.
+summation order decides (measured: 5e-4 apart after 6 steps). The test
+checks instead that its gradient moments are at noise level in both runs;
+with SGD (tried) the bias agrees too, but 6 steps of SGD leave the model
+finding no labeled person (mAP 0), which would make the metrics comparison
+empty.
+
+The same happens, less, wherever a gradient is tiny next to its rounding
+noise: res5's last block ends in a zero-initialised norm scale, so its
+first convs get no gradient at step 1 and ~lr times the usual size after. On a
+2-core AMD EPYC (AVX2) every other parameter agreed within 3e-5; on a 2-core
+Intel Xeon (AVX-512: other kernels, another summation order) 426 of 880,978
+parameter elements differ by more than 1e-4, the largest 1.3e-3 (res5
+layer4_1 conv2), and Adam's first moments by up to 1.3e-4. So parameters
+are checked as ">= 99.5 % of elements within 1e-4, all within Adam's
+2 * lr * steps" (measured 99.95 %), the optimizer state as ">= 99.9 % within
+1e-4, all within 1e-3" (measured 99.9999 %); losses, OIM tables and the
+evaluation below keep their direct tolerances.
 """
 
 import json
@@ -38,6 +50,7 @@ from oim_jax import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
+LR = 1e-3  # configs/synthetic.py's peak train.lr (warm-up keeps it lower)
 
 
 def _free_port() -> int:
@@ -99,6 +112,19 @@ def _max_diff(a, b):
       np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0.0)),
                        a, b)
   return max(jax.tree.leaves(diffs))
+
+
+def _agreement(a, b, atol):
+  """(fraction of elements within atol, max |a - b|, the leaf holding it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  pairs = jax.tree_util.tree_leaves_with_path(
+      jax.tree.map(lambda x, y: np.abs(np.asarray(x, np.float64) -
+                                       np.asarray(y, np.float64)), a, b))
+  total = sum(d.size for _, d in pairs)
+  close = sum(int(np.sum(d <= atol)) for _, d in pairs)
+  path, worst = max(pairs, key=lambda p: np.max(p[1], initial=0.0))
+  return (close / max(total, 1), float(np.max(worst, initial=0.0)),
+          jax.tree_util.keystr(path))
 
 
 def _adam_moment(opt_state, path):
@@ -190,8 +216,13 @@ def test_two_processes_kill_resume_and_evaluate_equal_one_process(
     assert bias.shape == (16,)
     mu = _adam_moment(state["opt_state"], ("predictor", "embedding", "bias"))
     assert np.max(np.abs(mu)) < 1e-6, mu  # only rounding noise reaches it
-  for item in ("params", "opt_state"):
-    assert _max_diff(multi_state[item], ref_state[item]) < 1e-4, item
+  # Most elements agree to 1e-4; the few that Adam moved on noise (see the
+  # module docstring) stay within its bound of lr per step, per run.
+  for item, min_close, max_diff in (("params", 0.995, 2 * LR * STEPS),
+                                    ("opt_state", 0.999, 1e-3)):
+    close, worst, where = _agreement(multi_state[item], ref_state[item], 1e-4)
+    assert close >= min_close and worst <= max_diff, (item, close, worst,
+                                                      where)
   assert _max_diff(multi_state["oim"]["lut"], ref_state["oim"]["lut"]) < 1e-4
   assert _max_diff(multi_state["oim"]["queue"],
                    ref_state["oim"]["queue"]) < 1e-4

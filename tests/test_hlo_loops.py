@@ -28,3 +28,16 @@ def test_counts_loops_sorts_and_top_k_inside_sub_jaxprs():
   counts = hlo_loops.hlo_counts(text)
   assert counts["stablehlo.while"] >= 2  # the while, and the scan lowers to one
   assert counts["stablehlo.sort"] == 1
+
+
+def test_top_k_decomposition_is_not_counted_as_a_sort():
+  # Exported for TPU, each chlo.top_k comes with a sort-based reference
+  # function; only the real argsort counts as a sort outside top_k.
+  from jax import export  # pylint: disable=g-import-not-at-top
+  def f(x):
+    return jax.lax.top_k(x, 2)[0].sum() + jnp.argsort(x)[0]
+  text = export.export(jax.jit(f), platforms=("tpu",))(
+      jax.ShapeDtypeStruct((16,), jnp.float32)).mlir_module()
+  counts = hlo_loops.hlo_counts(text)
+  assert counts["chlo.top_k"] >= 1 and counts["stablehlo.sort"] == 2, counts
+  assert counts["stablehlo.sort_outside_top_k"] == 1, counts

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.extend
 import numpy as np
 import pytest
 
@@ -242,3 +243,48 @@ def test_batched_nms_across_tiles():
   for max_output in (n, len(expected) // 3):
     keep, count = fn(boxes, scores, idxs, valid, max_output)
     _check(keep, count, expected, max_output)
+
+
+@pytest.mark.parametrize("n,block,max_output", [(600, 64, 150), (3000, 256,
+                                                                 2000)])
+def test_presorted_top_k_input_vs_greedy_reference(n, block, max_output):
+  # As in rpn.proposals: lax.top_k orders the scores (ties by index, -inf
+  # last) and NMS visits that order without sorting again; masked entries sit
+  # anywhere in it.
+  boxes, scores, valid = _many_tiles_case(n + 7, n)
+  top, idx = jax.lax.top_k(scores, n)
+  top, idx = np.asarray(top), np.asarray(idx)
+  np.testing.assert_array_equal(idx, np.argsort(-scores, kind="stable"))
+  boxes, valid = boxes[idx], valid[idx]
+  expected = _np_greedy_nms(boxes, top, 0.5, valid)
+  assert block < len(expected), len(expected)
+  fn = jax.jit(lambda b, s, v: ops.nms(b, s, 0.5, max_output, valid=v,
+                                       block_size=block, presorted=True))
+  _check(*fn(boxes, top, valid), expected, max_output)
+  # A batch of images under vmap, as the model calls it.
+  keep, count = jax.vmap(fn)(np.stack([boxes, boxes[::-1]]),
+                             np.stack([top, top]), np.stack([valid, valid]))
+  _check(keep[0], count[0], expected, max_output)
+  _check(keep[1], count[1],
+         _np_greedy_nms(boxes[::-1], top, 0.5, valid), max_output)
+
+
+def _primitives(jaxpr, out):
+  for eqn in jaxpr.eqns:
+    out.append(eqn.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      _primitives(sub, out)
+  return out
+
+
+@pytest.mark.parametrize("presorted", [False, True])
+def test_serial_structure(presorted):
+  # One loop over blocks with the fixed-point loop inside (no loop over the
+  # kept boxes); a sort only when the input is not presorted.
+  boxes = np.zeros((1000, 4), np.float32)
+  jaxpr = jax.make_jaxpr(lambda b, s: ops.nms(b, s, 0.5, 300, block_size=64,
+                                              presorted=presorted))(
+                                                  boxes, boxes[:, 0])
+  prims = _primitives(jaxpr.jaxpr, [])
+  assert prims.count("while") == 2, prims.count("while")
+  assert prims.count("sort") == (0 if presorted else 1)

@@ -139,7 +139,9 @@ def proposals(logits, deltas, anchors, anchor_valid, image_size, *,
   boxes = ops.decode_boxes(deltas[idx], anchors[idx], ops.RPN_WEIGHTS)
   boxes = ops.clip_boxes(boxes, image_size)
   valid = (top > -jnp.inf) & ops.small_box_mask(boxes, min_size)
-  keep, _ = ops.nms(boxes, top, nms_thresh, post_nms_top_n, valid=valid)
+  # top_k already ordered them (ties by index): NMS need not sort again.
+  keep, _ = ops.nms(boxes, top, nms_thresh, post_nms_top_n, valid=valid,
+                    presorted=True)
   out = boxes[jnp.maximum(keep, 0)]
   ok = keep >= 0
   return jnp.where(ok[:, None], out, 0.0), ok

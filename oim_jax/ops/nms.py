@@ -7,16 +7,19 @@ inter / (area_i + area_j - inter) in float32.
 
 Tiled formulation (the sorted boxes are cut into blocks of ``block_size``):
 for block b,
-  1. drop the boxes that overlap a box kept in earlier blocks; the kept boxes
-     are stored compactly (at most ``max_output`` of them) and compared
-     chunk by chunk, so the work is ``block x kept`` and memory ``block^2``;
+  1. drop the boxes that overlap a box kept in earlier blocks: one
+     ``block x max_output`` comparison against the kept boxes, stored
+     compactly, with the unused slots masked (no loop over them);
   2. resolve the block internally: ``keep = cand & ~any(M & keep)`` over the
      strictly-upper-triangular "overlaps an earlier box" matrix ``M``, iterated
      to its fixed point. The recursion has a unique solution (box i depends
      only on boxes < i) and the iteration fixes one more box per step, so any
      fixed point is the greedy answer; in practice it takes a few steps.
-The loop stops as soon as ``max_output`` boxes are kept or the valid
-(sorted-first) boxes run out, so the cost follows the work actually needed.
+The block loop stops as soon as ``max_output`` boxes are kept or the valid
+boxes run out, so the cost follows the work actually needed. Serial work per
+call: one loop over blocks, one short fixed-point loop per block, and the
+sort unless the caller's scores are already sorted (``presorted``, e.g. the
+output of ``lax.top_k``).
 """
 
 import jax.numpy as jnp
@@ -42,7 +45,7 @@ def _pairwise_iou(a, b):
 
 
 def nms(boxes, scores, iou_threshold, max_output: int, valid=None,
-        block_size: int = DEFAULT_BLOCK_SIZE):
+        block_size: int = DEFAULT_BLOCK_SIZE, presorted: bool = False):
   """Greedy NMS returning a fixed number of indices.
 
   Args:
@@ -56,6 +59,10 @@ def nms(boxes, scores, iou_threshold, max_output: int, valid=None,
       (padding).
     block_size: static tile size (a performance knob; results do not depend on
       it).
+    presorted: the valid entries' scores are already in non-increasing order
+      (ties in index order, as ``lax.top_k`` returns them): the sort is
+      skipped and boxes are visited in input order; invalid entries may sit
+      anywhere.
 
   Returns:
     ``(keep, num_kept)``: ``keep`` is ``int32[max_output]``, indices into
@@ -78,18 +85,25 @@ def nms(boxes, scores, iou_threshold, max_output: int, valid=None,
   is_valid = (scores > -jnp.inf) & ~jnp.isnan(scores)
   if valid is not None:
     is_valid = is_valid & jnp.asarray(valid, bool)
-  # +0.0 maps -0.0 to 0.0 so that they tie, as in torch's sort.
-  sort_key = jnp.where(is_valid, scores.astype(jnp.float32) + 0.0, -jnp.inf)
-  order = jnp.argsort(-sort_key, stable=True).astype(jnp.int32)
-  num_valid = jnp.sum(is_valid).astype(jnp.int32)
+  if presorted:
+    order = jnp.arange(num_boxes, dtype=jnp.int32)
+    sorted_boxes, sorted_valid = boxes, is_valid
+  else:
+    # +0.0 maps -0.0 to 0.0 so that they tie, as in torch's sort.
+    sort_key = jnp.where(is_valid, scores.astype(jnp.float32) + 0.0, -jnp.inf)
+    order = jnp.argsort(-sort_key, stable=True).astype(jnp.int32)
+    sorted_boxes, sorted_valid = boxes[order], is_valid[order]
+  # One past the last valid sorted position: the blocks after it hold none.
+  limit = jnp.max(jnp.where(sorted_valid, jnp.arange(1, num_boxes + 1), 0))
 
   bs = max(1, min(int(block_size), num_boxes))
   num_blocks = -(-num_boxes // bs)
   pad = num_blocks * bs - num_boxes
-  sorted_boxes = jnp.pad(boxes[order], ((0, pad), (0, 0)))
+  sorted_boxes = jnp.pad(sorted_boxes, ((0, pad), (0, 0)))
   sorted_idx = jnp.pad(order, (0, pad), constant_values=-1)
-  capacity = -(-max_output // bs) * bs
+  sorted_valid = jnp.pad(sorted_valid, (0, pad))
   lane = jnp.arange(bs, dtype=jnp.int32)
+  slot = jnp.arange(max_output, dtype=jnp.int32)
   earlier = lane[:, None] < lane[None, :]
 
   def block_body(state):
@@ -97,20 +111,13 @@ def nms(boxes, scores, iou_threshold, max_output: int, valid=None,
     start = b * bs
     blk = lax.dynamic_slice_in_dim(sorted_boxes, start, bs)
     blk_idx = lax.dynamic_slice_in_dim(sorted_idx, start, bs)
-    blk_valid = start + lane < num_valid
+    blk_valid = lax.dynamic_slice_in_dim(sorted_valid, start, bs)
 
-    # 1. Suppression by the boxes kept in earlier blocks, one chunk at a time.
-    def chunk_body(carry):
-      c, sup = carry
-      kb = lax.dynamic_slice_in_dim(kept_boxes, c * bs, bs)
-      k_ok = c * bs + lane < count
-      over = (_pairwise_iou(blk, kb) > iou_threshold) & k_ok[None, :]
-      return c + 1, sup | jnp.any(over, axis=1)
-
-    num_chunks = (count + bs - 1) // bs
-    _, sup = lax.while_loop(lambda cs: cs[0] < num_chunks, chunk_body,
-                            (jnp.int32(0), jnp.zeros((bs,), bool)))
-    cand = blk_valid & ~sup
+    # 1. Suppression by the boxes kept in earlier blocks (all slots at once:
+    # a fixed-size comparison instead of a loop whose trips grow with count).
+    over = (_pairwise_iou(blk, kept_boxes) > iou_threshold) & (
+        slot < count)[None, :]
+    cand = blk_valid & ~jnp.any(over, axis=1)
 
     # 2. Greedy resolution inside the block (fixed point, see module doc).
     m = (_pairwise_iou(blk, blk) > iou_threshold) & earlier
@@ -124,21 +131,20 @@ def nms(boxes, scores, iou_threshold, max_output: int, valid=None,
                                  (cand, jnp.array(True)))
 
     # 3. Append the kept boxes (compact, in order); overflow is dropped.
-    pos = count + jnp.cumsum(blk_keep, dtype=jnp.int32) - 1
-    kept_boxes = kept_boxes.at[jnp.where(blk_keep, pos, capacity)].set(
-        blk, mode="drop")
-    keep = keep.at[jnp.where(blk_keep, pos, max_output)].set(
-        blk_idx, mode="drop")
+    pos = jnp.where(blk_keep, count + jnp.cumsum(blk_keep, dtype=jnp.int32) - 1,
+                    max_output)
+    kept_boxes = kept_boxes.at[pos].set(blk, mode="drop")
+    keep = keep.at[pos].set(blk_idx, mode="drop")
     count = jnp.minimum(count + jnp.sum(blk_keep, dtype=jnp.int32),
                         max_output)
     return b + 1, count, kept_boxes, keep
 
   def block_cond(state):
     b, count, _, _ = state
-    return (b < num_blocks) & (b * bs < num_valid) & (count < max_output)
+    return (b < num_blocks) & (b * bs < limit) & (count < max_output)
 
   init = (jnp.int32(0), jnp.int32(0),
-          jnp.zeros((capacity, 4), jnp.float32),
+          jnp.zeros((max_output, 4), jnp.float32),
           jnp.full((max_output,), -1, jnp.int32))
   _, count, _, keep = lax.while_loop(block_cond, block_body, init)
   return keep, count

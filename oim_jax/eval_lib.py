@@ -140,20 +140,22 @@ class Inference:
         fn(self.params, parallel.put_batch(local, self.mesh, "shard_map")))
 
   def _batches(self, annotations: Sequence[ImageAnnotation], what: str,
-               source: Optional[sources.ImageSource]):
+               source: Optional[sources.ImageSource], progress: bool = True):
     if source is None:
       source = sources.AnnotationSource(annotations)
     it = pipeline.EvalIterator(source,
                                batch_size=self.batch_size,
                                options=self.options)
-    return _progress(it, it.num_batches, what)
+    return _progress(it, it.num_batches, what) if progress else it
 
   def detect(self, images: Sequence[ImageAnnotation], what: str = "gallery",
-             source: Optional[sources.ImageSource] = None):
+             source: Optional[sources.ImageSource] = None,
+             progress: bool = True):
     """Detects and embeds persons in every image.
 
     `source` (optional) reads the same images, in the same order, from
     elsewhere (prepared TFDS records); default: the files of `images`.
+    `progress`: show a bar / log lines (callers with their own bar: False).
 
     Returns:
       {name: (boxes [n, 4], scores [n], embeddings [n, D])}, boxes in the
@@ -161,7 +163,7 @@ class Inference:
     """
     detections = {}
     t0 = time.time()
-    for batch in self._batches(images, what, source):
+    for batch in self._batches(images, what, source, progress):
       out = self._run(self._detect, batch,
                       ("image", "image_size", "index", "scale"))
       for i, idx in enumerate(out["index"]):
@@ -172,8 +174,9 @@ class Inference:
             (out["boxes"][i][keep] / out["scale"][i]).astype(np.float32),
             out["scores"][i][keep].astype(np.float32),
             out["embeddings"][i][keep].astype(np.float32))
-    logging.info("%s: %d images in %.1f s", what, len(images),
-                 time.time() - t0)
+    if progress:
+      logging.info("%s: %d images in %.1f s", what, len(images),
+                   time.time() - t0)
     return detections
 
   def embed(self, images: Sequence[ImageAnnotation], what: str = "queries",

@@ -7,7 +7,6 @@ the query crop beside the top-k matches.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Optional, Sequence
@@ -18,18 +17,9 @@ from PIL import Image
 
 from oim_jax import config_defaults
 from oim_jax import eval_lib
+from oim_jax import media
 from oim_jax.data.dataset import ImageAnnotation
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-
-
-@dataclasses.dataclass(frozen=True)
-class Match:
-  rank: int
-  image: str  # path
-  box: np.ndarray  # [4] original pixels
-  similarity: float
-  score: float  # detection confidence
+from oim_jax.search_index import Match
 
 
 def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
@@ -45,7 +35,11 @@ def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
         f"{path} not found: pass --config=<the training config> or point "
         "--workdir at a directory written by train.py.")
   with open(path) as f:
-    stored = json.load(f)
+    return config_from_dict(json.load(f))
+
+
+def config_from_dict(stored: dict) -> ml_collections.ConfigDict:
+  """A stored config (config.json, an index's manifest) onto the defaults."""
   config = config_defaults.base_config()
   config.update(stored)
   return config
@@ -55,10 +49,25 @@ def gallery_images(folder: str) -> list[str]:
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"gallery folder {folder} does not exist")
   paths = sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                 if n.lower().endswith(IMAGE_EXTENSIONS))
+                 if media.kind_of(n) == "image")
   if not paths:
-    raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in {folder}")
+    raise ValueError(
+        f"no {'/'.join(media.IMAGE_EXTENSIONS)} images in {folder}")
   return paths
+
+
+def embed_query(inference: eval_lib.Inference, query_image: str,
+                query_box: Sequence[float]) -> np.ndarray:
+  """The [D] embedding of a box (x1, y1, x2, y2 pixels) in an image file."""
+  box = np.asarray(query_box, np.float32).reshape(4)
+  with Image.open(query_image) as im:
+    w, h = im.size
+  if not (0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h):
+    raise ValueError(f"query box {tuple(box)} is not inside {query_image} "
+                     f"({w}x{h}); expected x1,y1,x2,y2 with x1<x2, y1<y2.")
+  query = ImageAnnotation(os.path.basename(query_image), query_image,
+                          box[None], np.zeros((1,), np.int32))
+  return inference.embed([query], "query")[0]
 
 
 def search(config: ml_collections.ConfigDict, params, query_image: str,
@@ -79,17 +88,9 @@ def search(config: ml_collections.ConfigDict, params, query_image: str,
   Returns:
     the top_k matches, best first.
   """
-  box = np.asarray(query_box, np.float32).reshape(4)
-  with Image.open(query_image) as im:
-    w, h = im.size
-  if not (0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h):
-    raise ValueError(f"query box {tuple(box)} is not inside {query_image} "
-                     f"({w}x{h}); expected x1,y1,x2,y2 with x1<x2, y1<y2.")
   thresh = config.eval.det_thresh if det_thresh is None else det_thresh
   inference = eval_lib.Inference(config, params)
-  query = ImageAnnotation(os.path.basename(query_image), query_image,
-                          box[None], np.zeros((1,), np.int32))
-  q = inference.embed([query], "query")[0]
+  q = embed_query(inference, query_image, query_box)
   images = [ImageAnnotation(p, p, np.zeros((0, 4), np.float32),
                             np.zeros((0,), np.int32)) for p in gallery]
   detections = inference.detect(images, "gallery")
@@ -125,13 +126,15 @@ def draw(query_image: str, query_box: Sequence[float],
   axes.flat[0].imshow(crop)
   axes.flat[0].set_title("query", fontsize=10, color="tab:blue")
   for ax, m in zip(list(axes.flat)[1:], matches):
-    with Image.open(m.image) as im:
-      ax.imshow(np.asarray(im.convert("RGB")))
+    ax.imshow(media.load_rgb(m.image, m.frame, m.timestamp))
     bx1, by1, bx2, by2 = m.box
     ax.add_patch(patches.Rectangle((bx1, by1), bx2 - bx1, by2 - by1,
                                    fill=False, lw=2, color="lime"))
+    where = os.path.basename(m.image)
+    if m.timestamp is not None:
+      where += f" @ {m.timestamp:.1f} s"
     ax.set_title(f"#{m.rank} sim {m.similarity:.2f} det {m.score:.2f}\n"
-                 f"{os.path.basename(m.image)}", fontsize=8)
+                 f"{where}", fontsize=8)
   fig.tight_layout()
   fig.savefig(out_path, dpi=90)
   plt.close(fig)

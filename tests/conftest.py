@@ -194,3 +194,22 @@ def tiny_cli_flags(root: str) -> list[str]:
       f"--jax_compilation_cache_dir={_CACHE}",
       "--jax_persistent_cache_min_compile_time_secs=0.5",
       *synthetic]
+
+
+def write_video(path: str, frames, fps: int = 4, codec: str = "ffv1"):
+  """Writes uint8 [H, W, 3] frames (even H, W) as a video with PyAV.
+
+  codec "ffv1" (in .mkv) is lossless: decoded frames equal the input;
+  "mpeg4" / "libx264" (in .mp4) are lossy, as camera footage is.
+  """
+  import av
+  with av.open(path, "w") as container:
+    stream = container.add_stream(codec, rate=fps)
+    stream.height, stream.width = frames[0].shape[:2]
+    stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"
+    for i, rgb in enumerate(frames):
+      frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), "rgb24")
+      frame = frame.reformat(format=stream.pix_fmt)  # drops pts: set after
+      frame.pts = i  # in 1/fps: the stream's rate
+      container.mux(stream.encode(frame))
+    container.mux(stream.encode())

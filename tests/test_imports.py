@@ -13,6 +13,7 @@ LOCAL_IMPORTS_ALLOWED = {
     "matplotlib", "matplotlib.patches", "matplotlib.pyplot",  # Agg first
     "torch",  # optional: only to read .pth weights
     "oim_jax.data.tfds_builders",  # tensorflow_datasets takes seconds
+    "av",  # optional: PyAV, only to read videos
 }
 
 

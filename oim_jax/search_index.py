@@ -1,0 +1,322 @@
+"""A person-search index on disk: every detection of a gallery, searchable.
+
+Layout of an index directory (format version `VERSION`; nothing is pickled):
+
+  index.json      {"format", "version", "embedding_dim", "workdir",
+                   "checkpoint_step", "det_thresh", "sampling", "config"}
+  meta.sqlite     tables sources, frames, detections (below)
+  embeddings.f32  float32 [rows, embedding_dim], row = detections.id
+
+Crash safety: a batch appends its embeddings to embeddings.f32 (flushed and
+fsynced), then commits its detections, frames and the new row count in one
+SQLite transaction. Opening truncates embeddings.f32 to the committed row
+count, so a crash loses at most the batch that was being written.
+
+  sources(id, path UNIQUE, kind, size, mtime, status, error, num_frames)
+    status: "partial" (some frames indexed), "done" or "failed" (error says
+    why; a rerun tries it again)
+  frames(source_id, frame, timestamp, height, width)  every indexed frame,
+    with or without detections, so that a rerun skips it
+  detections(id, source_id, frame, x1, y1, x2, y2, score)  boxes in the
+    frame's pixels
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import sqlite3
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+FORMAT = "oim-jax-search-index"
+VERSION = 1
+MANIFEST = "index.json"
+DATABASE = "meta.sqlite"
+EMBEDDINGS = "embeddings.f32"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sources(
+  id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, kind TEXT NOT NULL,
+  size INTEGER, mtime REAL, status TEXT NOT NULL, error TEXT,
+  num_frames INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS frames(
+  source_id INTEGER NOT NULL, frame INTEGER NOT NULL, timestamp REAL,
+  height INTEGER, width INTEGER, PRIMARY KEY(source_id, frame));
+CREATE TABLE IF NOT EXISTS detections(
+  id INTEGER PRIMARY KEY, source_id INTEGER NOT NULL, frame INTEGER NOT NULL,
+  x1 REAL, y1 REAL, x2 REAL, y2 REAL, score REAL);
+CREATE TABLE IF NOT EXISTS state(key TEXT PRIMARY KEY, value INTEGER);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+  """One ranked detection (of an index, or of search_lib's folder search)."""
+  rank: int
+  image: str  # path of the image or video file
+  box: np.ndarray  # [4] x1, y1, x2, y2 in the frame's pixels
+  similarity: float  # inner product with the query embedding
+  score: float  # detection confidence
+  frame: int = 0  # frame index in a video (0 for an image)
+  timestamp: Optional[float] = None  # seconds, videos only
+  id: int = -1  # row of the index's embedding matrix
+
+
+class SearchIndex:
+  """An open index directory (see the module docstring).
+
+  Attributes:
+    path: the directory.
+    manifest: index.json's content.
+    dim: embedding dimension.
+  """
+
+  def __init__(self, path: str, manifest: dict):
+    self.path = path
+    self.manifest = manifest
+    self.dim = int(manifest["embedding_dim"])
+    self.db = sqlite3.connect(os.path.join(path, DATABASE))
+    self.db.executescript(_SCHEMA)
+    self._emb_path = os.path.join(path, EMBEDDINGS)
+    self._truncate_uncommitted()
+    self._matrix = None
+
+  # -- opening ---------------------------------------------------------------
+
+  @classmethod
+  def create_or_open(cls, path: str, manifest: dict) -> "SearchIndex":
+    """Opens `path`, or creates it with `manifest` (format/version added).
+
+    Raises:
+      ValueError: the existing index was made with another model, checkpoint
+        step, threshold or sampling: extending it would mix embeddings.
+    """
+    file = os.path.join(path, MANIFEST)
+    if os.path.exists(file):
+      index = cls.open(path)
+      for key in ("embedding_dim", "checkpoint_step", "det_thresh",
+                  "sampling"):
+        if index.manifest.get(key) != manifest.get(key):
+          index.close()
+          raise ValueError(
+              f"{file} was built with {key}={index.manifest.get(key)!r}, this "
+              f"run has {manifest.get(key)!r}: rankings would mix them. Use "
+              "another --out, or the same settings.")
+      return index
+    os.makedirs(path, exist_ok=True)
+    manifest = dict(manifest, format=FORMAT, version=VERSION)
+    tmp = file + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(manifest, f, indent=2)
+    os.replace(tmp, file)
+    return cls(path, manifest)
+
+  @classmethod
+  def open(cls, path: str) -> "SearchIndex":
+    file = os.path.join(path, MANIFEST)
+    if not os.path.exists(file):
+      raise FileNotFoundError(
+          f"{file} not found: --index must be a directory written by "
+          "index.py.")
+    with open(file) as f:
+      manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+      raise ValueError(f"{file} is not an oim-jax search index")
+    if manifest.get("version") != VERSION:
+      raise ValueError(
+          f"{file} has format version {manifest.get('version')}; this code "
+          f"reads version {VERSION}: rebuild it with this index.py.")
+    return cls(path, manifest)
+
+  def close(self):
+    self.db.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  # -- writing ---------------------------------------------------------------
+
+  @property
+  def num_rows(self) -> int:
+    row = self.db.execute("SELECT value FROM state WHERE key='rows'").fetchone()
+    return int(row[0]) if row else 0
+
+  def _truncate_uncommitted(self):
+    want = self.num_rows * self.dim * 4
+    if not os.path.exists(self._emb_path):
+      open(self._emb_path, "wb").close()
+    if os.path.getsize(self._emb_path) < want:
+      raise ValueError(
+          f"{self._emb_path} holds fewer rows than {DATABASE} records: the "
+          "index is damaged; rebuild it.")
+    if os.path.getsize(self._emb_path) > want:  # a batch that never committed
+      with open(self._emb_path, "r+b") as f:
+        f.truncate(want)
+
+  def source_state(self, path: str) -> Optional[tuple]:
+    """(id, status, size, mtime) of a source, or None if never seen."""
+    return self.db.execute(
+        "SELECT id, status, size, mtime FROM sources WHERE path=?",
+        (path,)).fetchone()
+
+  def source_id(self, path: str, kind: str) -> int:
+    """The id of `path`, adding it (status "partial") if new."""
+    st = os.stat(path)
+    with self.db:
+      self.db.execute(
+          "INSERT OR IGNORE INTO sources(path, kind, size, mtime, status) "
+          "VALUES(?, ?, ?, ?, 'partial')", (path, kind, st.st_size,
+                                            st.st_mtime))
+    return self.source_state(path)[0]
+
+  def indexed_frames(self, source_id: int) -> frozenset[int]:
+    return frozenset(r[0] for r in self.db.execute(
+        "SELECT frame FROM frames WHERE source_id=?", (source_id,)))
+
+  def set_status(self, source_id: int, status: str,
+                 error: Optional[str] = None):
+    with self.db:
+      self.db.execute(
+          "UPDATE sources SET status=?, error=?, num_frames=(SELECT COUNT(*) "
+          "FROM frames WHERE source_id=?) WHERE id=?",
+          (status, error, source_id, source_id))
+
+  def add_batch(self, frames: Sequence[tuple[int, int, Optional[float], int,
+                                             int]],
+                detections: Sequence[tuple[int, int, np.ndarray, float]],
+                embeddings: np.ndarray):
+    """Commits one batch.
+
+    Args:
+      frames: (source_id, frame, timestamp, height, width) per indexed frame.
+      detections: (source_id, frame, box [4], score) per detection.
+      embeddings: float32 [len(detections), dim], in the same order.
+    """
+    embeddings = np.ascontiguousarray(embeddings, np.float32)
+    if embeddings.shape != (len(detections), self.dim):
+      raise ValueError(f"embeddings {embeddings.shape} for {len(detections)} "
+                       f"detections of dimension {self.dim}")
+    start = self.num_rows
+    if len(detections):
+      with open(self._emb_path, "r+b") as f:
+        f.seek(start * self.dim * 4)
+        f.write(embeddings.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    with self.db:
+      self.db.executemany(
+          "INSERT OR REPLACE INTO frames VALUES(?, ?, ?, ?, ?)", frames)
+      self.db.executemany(
+          "INSERT INTO detections VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+          [(start + i, s, fr, *map(float, box), float(score))
+           for i, (s, fr, box, score) in enumerate(detections)])
+      self.db.execute("INSERT OR REPLACE INTO state VALUES('rows', ?)",
+                      (start + len(detections),))
+    self._matrix = None
+
+  # -- reading ---------------------------------------------------------------
+
+  def embeddings(self) -> np.ndarray:
+    """float32 [rows, dim], memory-mapped (read-only)."""
+    if self._matrix is None:
+      n = self.num_rows
+      self._matrix = (np.zeros((0, self.dim), np.float32) if n == 0 else
+                      np.memmap(self._emb_path, np.float32, "r",
+                                shape=(n, self.dim)))
+    return self._matrix
+
+  def sources(self) -> list[dict[str, Any]]:
+    cols = ("id", "path", "kind", "status", "error", "num_frames")
+    return [dict(zip(cols, r)) for r in self.db.execute(
+        f"SELECT {', '.join(cols)} FROM sources ORDER BY id")]
+
+  def detections_of(self, source: str, frame: int = 0):
+    """(ids [n], boxes [n, 4], scores [n]) of one frame, in id order."""
+    rows = self.db.execute(
+        "SELECT d.id, x1, y1, x2, y2, score FROM detections d JOIN sources s "
+        "ON d.source_id = s.id WHERE s.path=? AND d.frame=? ORDER BY d.id",
+        (source, frame)).fetchall()
+    a = np.asarray(rows, np.float64).reshape(-1, 6)
+    return (a[:, 0].astype(np.int64), a[:, 1:5].astype(np.float32),
+            a[:, 5].astype(np.float32))
+
+  def _rows(self, ids: Sequence[int]) -> dict[int, tuple]:
+    out = {}
+    ids = [int(i) for i in ids]
+    for i in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+      chunk = ids[i:i + 900]
+      q = ",".join("?" * len(chunk))
+      for r in self.db.execute(
+          "SELECT d.id, s.path, d.frame, f.timestamp, x1, y1, x2, y2, score "
+          "FROM detections d JOIN sources s ON d.source_id = s.id "
+          "JOIN frames f ON f.source_id = d.source_id AND f.frame = d.frame "
+          f"WHERE d.id IN ({q})", chunk):
+        out[r[0]] = r[1:]
+    return out
+
+  def search(self, query: np.ndarray, top_k: int = 10, *,
+             min_score: float = 0.0, source_glob: Optional[str] = None,
+             time_range: Optional[tuple[float, float]] = None,
+             one_per_frame: bool = False,
+             chunk_rows: int = 1 << 16) -> list[Match]:
+    """Exact inner-product search, best first.
+
+    Args:
+      query: [dim] embedding (unit length, like the indexed ones).
+      top_k: hits to return.
+      min_score: keep detections with at least this confidence.
+      source_glob: keep sources whose path matches (fnmatch), e.g. "*cam2*".
+      time_range: (t0, t1) seconds: keep video frames inside it.
+      one_per_frame: at most one hit (the most similar) per source frame.
+      chunk_rows: rows per matmul (bounds the temporary memory).
+    """
+    query = np.asarray(query, np.float32).reshape(self.dim)
+    matrix = self.embeddings()
+    n = len(matrix)
+    if n == 0 or top_k <= 0:
+      return []
+    sims = np.empty((n,), np.float32)
+    for i in range(0, n, chunk_rows):
+      sims[i:i + chunk_rows] = matrix[i:i + chunk_rows] @ query
+    # Rank lazily: the filters look at candidates best first, fetching their
+    # metadata in growing blocks, so a query reads few rows of SQLite.
+    # Candidates are all rows at least as similar as the want-th best (ties
+    # included), ordered by (similarity desc, id): a prefix of the full order.
+    want, hits, seen_frames, pos = max(4 * top_k, 64), [], set(), 0
+    while len(hits) < top_k and pos < n:
+      if want >= n:
+        cand = np.arange(n)
+      else:
+        kth = -np.partition(-sims, want - 1)[want - 1]
+        cand = np.flatnonzero(sims >= kth)
+      order = cand[np.lexsort((cand, -sims[cand]))]
+      block = order[pos:]
+      meta = self._rows(block)
+      for i in block:
+        path, frame, t, x1, y1, x2, y2, score = meta[int(i)]
+        pos += 1
+        if score < min_score:
+          continue
+        if source_glob and not fnmatch.fnmatch(path, source_glob):
+          continue
+        if time_range is not None and (
+            t is None or not time_range[0] <= t <= time_range[1]):
+          continue
+        if one_per_frame:
+          if (path, frame) in seen_frames:
+            continue
+          seen_frames.add((path, frame))
+        hits.append(Match(len(hits) + 1, path,
+                          np.array([x1, y1, x2, y2], np.float32),
+                          float(sims[i]), score, frame, t, int(i)))
+        if len(hits) == top_k:
+          break
+      want = min(n, want * 4)
+    return hits

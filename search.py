@@ -52,6 +52,10 @@ flags.DEFINE_list("time", None,
                   "--index: T0,T1 seconds: keep video frames in this range.")
 flags.DEFINE_bool("one_per_frame", False,
                   "--index: at most one match per frame.")
+flags.DEFINE_enum("method", "auto", ["auto", "exact", "approximate"],
+                  "--index: exact matmul, or faiss (pip install faiss-cpu); "
+                  "auto: approximate from 1M detections when faiss is "
+                  "installed.")
 config_flags.DEFINE_config_file("config", None, "Config (default: DIR/config.json).")
 flags.mark_flags_as_required(["query", "box"])
 
@@ -84,7 +88,8 @@ def _search_index(box):
     t0 = time.perf_counter()
     matches = index.search(query, FLAGS.top_k, min_score=FLAGS.min_score,
                            source_glob=FLAGS.source, time_range=time_range,
-                           one_per_frame=FLAGS.one_per_frame)
+                           one_per_frame=FLAGS.one_per_frame,
+                           method=FLAGS.method)
     print(f"ranked {index.num_rows} detections in "
           f"{1e3 * (time.perf_counter() - t0):.1f} ms")
   return matches, step

@@ -28,6 +28,7 @@ import tqdm
 from oim_jax import eval_lib
 from oim_jax import media
 from oim_jax import search_index
+from oim_jax import vector_search
 from oim_jax.data import sources
 from oim_jax.data.dataset import ImageAnnotation
 
@@ -195,6 +196,9 @@ def build(config: ml_collections.ConfigDict, params: Any, paths: Sequence[str],
         flush()
     flush()
     bar.close()
+    if (index.num_rows >= search_index.APPROXIMATE_FROM
+        and vector_search.have_faiss()):
+      index.approximate()  # now, rather than at the first query
   report.seconds = time.time() - t0
   return report
 

@@ -6,6 +6,8 @@ Layout of an index directory (format version `VERSION`; nothing is pickled):
                    "checkpoint_step", "det_thresh", "sampling", "config"}
   meta.sqlite     tables sources, frames, detections (below)
   embeddings.f32  float32 [rows, embedding_dim], row = detections.id
+  approximate.faiss  optional faiss index of the embeddings (derived data,
+                  rebuilt when missing or stale; see vector_search.py)
 
 Crash safety: a batch appends its embeddings to embeddings.f32 (flushed and
 fsynced), then commits its detections, frames and the new row count in one
@@ -30,13 +32,19 @@ import os
 import sqlite3
 from typing import Any, Optional, Sequence
 
+from absl import logging
 import numpy as np
+
+from oim_jax import vector_search
 
 FORMAT = "oim-jax-search-index"
 VERSION = 1
 MANIFEST = "index.json"
 DATABASE = "meta.sqlite"
 EMBEDDINGS = "embeddings.f32"
+ANN = "approximate.faiss"
+# From this many detections on, search method "auto" is approximate.
+APPROXIMATE_FROM = 1_000_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sources(
@@ -84,6 +92,7 @@ class SearchIndex:
     self._emb_path = os.path.join(path, EMBEDDINGS)
     self._truncate_uncommitted()
     self._matrix = None
+    self._ann = None
 
   # -- opening ---------------------------------------------------------------
 
@@ -261,12 +270,56 @@ class SearchIndex:
         out[r[0]] = r[1:]
     return out
 
+  # -- approximate search ---------------------------------------------------
+
+  def approximate(self, build: bool = True) -> Optional[vector_search.FaissIVF]:
+    """The faiss index of the embeddings (ANN file), built if absent or if
+    more than a tenth of the rows were added after it; None if absent and
+    not `build`."""
+    n = self.num_rows
+    if self._ann is not None and self._ann.rows * 1.1 >= n:
+      return self._ann
+    file = os.path.join(self.path, ANN)
+    if os.path.exists(file):
+      ann = vector_search.FaissIVF.load(file)
+      if ann.rows <= n and ann.rows * 1.1 >= n:
+        self._ann = ann
+        return ann
+    if not build:
+      return None
+    logging.info("building the approximate index of %d embeddings", n)
+    self._ann = vector_search.FaissIVF.build(self.embeddings())
+    self._ann.save(file)
+    return self._ann
+
+  def _candidates(self, query, k, method, cache):
+    """Best-first (ids, similarities): at least the k best (exact), or the
+    faiss index's k best plus the exact k best of the rows added after it.
+    `cache` keeps the query's exact similarities between calls."""
+    matrix = self.embeddings()
+    if method == "exact":
+      if "sims" not in cache:
+        cache["sims"] = vector_search.similarities(matrix, query)
+      return vector_search.exact_top(cache["sims"], k)
+    ann = self.approximate()
+    ids, sims = ann.top(query, k)
+    if ann.rows < len(matrix):
+      if "tail" not in cache:
+        cache["tail"] = vector_search.similarities(matrix[ann.rows:], query)
+      tail_ids, tail_sims = vector_search.exact_top(cache["tail"], k)
+      ids = np.concatenate([ids, tail_ids + ann.rows])
+      sims = np.concatenate([sims, tail_sims])
+      # Only the first k of the merge are the k best of both parts.
+      order = np.lexsort((ids, -sims))[:k]
+      ids, sims = ids[order], sims[order]
+    return ids, sims
+
   def search(self, query: np.ndarray, top_k: int = 10, *,
              min_score: float = 0.0, source_glob: Optional[str] = None,
              time_range: Optional[tuple[float, float]] = None,
              one_per_frame: bool = False,
-             chunk_rows: int = 1 << 16) -> list[Match]:
-    """Exact inner-product search, best first.
+             method: str = "auto") -> list[Match]:
+    """Inner-product search, best first.
 
     Args:
       query: [dim] embedding (unit length, like the indexed ones).
@@ -275,31 +328,29 @@ class SearchIndex:
       source_glob: keep sources whose path matches (fnmatch), e.g. "*cam2*".
       time_range: (t0, t1) seconds: keep video frames inside it.
       one_per_frame: at most one hit (the most similar) per source frame.
-      chunk_rows: rows per matmul (bounds the temporary memory).
+      method: "exact" (chunked matmul), "approximate" (faiss, see
+        oim_jax/vector_search.py) or "auto": approximate from
+        APPROXIMATE_FROM rows when faiss is installed.
     """
+    if method not in ("auto", "exact", "approximate"):
+      raise ValueError(f"search method {method!r}: use auto, exact or "
+                       "approximate")
     query = np.asarray(query, np.float32).reshape(self.dim)
-    matrix = self.embeddings()
-    n = len(matrix)
+    n = self.num_rows
     if n == 0 or top_k <= 0:
       return []
-    sims = np.empty((n,), np.float32)
-    for i in range(0, n, chunk_rows):
-      sims[i:i + chunk_rows] = matrix[i:i + chunk_rows] @ query
+    if method == "auto":
+      method = ("approximate" if n >= APPROXIMATE_FROM
+                and vector_search.have_faiss() else "exact")
     # Rank lazily: the filters look at candidates best first, fetching their
-    # metadata in growing blocks, so a query reads few rows of SQLite.
-    # Candidates are all rows at least as similar as the want-th best (ties
-    # included), ordered by (similarity desc, id): a prefix of the full order.
+    # metadata in growing blocks, so a query reads few rows of SQLite; the
+    # candidate lists grow by prefixes, so nothing is looked at twice.
     want, hits, seen_frames, pos = max(4 * top_k, 64), [], set(), 0
-    while len(hits) < top_k and pos < n:
-      if want >= n:
-        cand = np.arange(n)
-      else:
-        kth = -np.partition(-sims, want - 1)[want - 1]
-        cand = np.flatnonzero(sims >= kth)
-      order = cand[np.lexsort((cand, -sims[cand]))]
-      block = order[pos:]
-      meta = self._rows(block)
-      for i in block:
+    cache = {}
+    while len(hits) < top_k:
+      order, sims = self._candidates(query, want, method, cache)
+      meta = self._rows(order[pos:])
+      for i, sim in zip(order[pos:], sims[pos:]):
         path, frame, t, x1, y1, x2, y2, score = meta[int(i)]
         pos += 1
         if score < min_score:
@@ -315,8 +366,10 @@ class SearchIndex:
           seen_frames.add((path, frame))
         hits.append(Match(len(hits) + 1, path,
                           np.array([x1, y1, x2, y2], np.float32),
-                          float(sims[i]), score, frame, t, int(i)))
+                          float(sim), score, frame, t, int(i)))
         if len(hits) == top_k:
           break
+      if want >= n:
+        break
       want = min(n, want * 4)
     return hits

@@ -14,6 +14,7 @@ LOCAL_IMPORTS_ALLOWED = {
     "torch",  # optional: only to read .pth weights
     "oim_jax.data.tfds_builders",  # tensorflow_datasets takes seconds
     "av",  # optional: PyAV, only to read videos
+    "faiss",  # optional: approximate search
 }
 
 

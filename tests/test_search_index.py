@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from oim_jax import search_index
+from oim_jax import vector_search
 
 DIM = 8
 
@@ -84,7 +85,7 @@ def test_search_equals_brute_force_with_filters(tmp_path):
         hits = index.search(
             q, top_k, min_score=kw.get("min_score", 0.0),
             source_glob=kw.get("glob"), time_range=kw.get("time_range"),
-            one_per_frame=kw.get("one_per_frame", False), chunk_rows=7)
+            one_per_frame=kw.get("one_per_frame", False))
         assert [h.id for h in hits] == want, kw
         assert [h.rank for h in hits] == list(range(1, len(want) + 1))
         for h in hits:
@@ -152,3 +153,50 @@ def test_empty_index_searches_to_nothing(tmp_path):
   with search_index.SearchIndex.create_or_open(str(tmp_path / "i"),
                                                _manifest()) as index:
     assert index.search(np.ones(DIM), 5) == []
+
+
+def test_exact_top_and_chunked_similarities():
+  rng = np.random.default_rng(2)
+  m = rng.normal(size=(50, DIM)).astype(np.float32)
+  q = rng.normal(size=DIM).astype(np.float32)
+  sims = vector_search.similarities(m, q, chunk_rows=7)
+  np.testing.assert_allclose(sims, m @ q, rtol=1e-6)
+  sims[[3, 9, 20]] = sims.max() + 1  # a three-way tie at the top
+  ids, top = vector_search.exact_top(sims, 2)
+  assert list(ids) == [3, 9, 20]  # the tie is kept whole, by id
+  ids, top = vector_search.exact_top(sims, 10)
+  assert list(ids) == sorted(range(50), key=lambda i: (-sims[i], i))[:10]
+  np.testing.assert_array_equal(top, sims[ids])
+
+
+@pytest.mark.skipif(not vector_search.have_faiss(),
+                    reason="faiss not installed (pip install faiss-cpu)")
+def test_approximate_search_with_rows_added_after_it(tmp_path):
+  # 1,000 rows: nlist = 25 <= nprobe = 32 clusters, so the IVF scan is
+  # exhaustive and must give the exact ranking, also over the rows added
+  # after the faiss index was built (merged from an exact scan).
+  rng = np.random.default_rng(3)
+  (tmp_path / "a.png").write_bytes(b"x")
+  e = rng.normal(size=(1110, DIM)).astype(np.float32)
+  e /= np.linalg.norm(e, axis=1, keepdims=True)
+  with search_index.SearchIndex.create_or_open(str(tmp_path / "i"),
+                                               _manifest()) as index:
+    sid = index.source_id(str(tmp_path / "a.png"), "image")
+    index.add_batch([(sid, 0, None, 10, 10)],
+                    [(sid, 0, np.zeros(4), 1.0)] * 1000, e[:1000])
+    assert index.approximate().rows == 1000
+    assert os.path.exists(tmp_path / "i" / search_index.ANN)
+    index.add_batch([], [(sid, 0, np.zeros(4), 1.0)] * 50, e[1000:1050])
+    for q in e[990:1010] + 0.1 * rng.normal(size=(20, DIM)):
+      q = (q / np.linalg.norm(q)).astype(np.float32)
+      want = [h.id for h in index.search(q, 20, method="exact")]
+      got = [h.id for h in index.search(q, 20, method="approximate")]
+      assert got == want
+  with search_index.SearchIndex.open(str(tmp_path / "i")) as index:
+    assert index.approximate(build=False).rows == 1000  # loaded, still fresh
+    index.add_batch([], [(sid, 0, np.zeros(4), 1.0)] * 60, e[1050:])
+    assert index.approximate(build=False) is None  # > 10 % newer: stale
+    assert index.approximate().rows == 1110
+  with pytest.raises(ValueError, match="method"):
+    search_index.SearchIndex.open(str(tmp_path / "i")).search(e[0], 1,
+                                                              method="ann")

@@ -9,7 +9,7 @@ numbers); this only orders them under one header.
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ("suite", "suite_avx2", "suite_avx2_dots", "tpu_aot", "accelerator", "model", "ops", "oim", "evaluation", "pipeline",
+ORDER = ("suite", "suite_avx2", "suite_avx2_dots", "tpu_aot", "accelerator", "model", "ops", "oim", "evaluation", "search_index", "pipeline",
          "dataset_loaders", "synthetic")
 
 HEADER = """# Benchmarks

@@ -38,9 +38,11 @@ def manager(workdir, max_to_keep: int = 3,
             read_only: bool = False) -> ocp.CheckpointManager:
   """A CheckpointManager on `workdir/checkpoints`."""
   directory = workdir_path(workdir) / "checkpoints"
+  # Read-only: the values Orbax would force anyway (it warns when it does).
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=async_saves)
+      max_to_keep=None if read_only else max_to_keep, create=not read_only,
+      read_only=read_only, enable_async_checkpointing=async_saves,
+      **({"save_interval_steps": 0} if read_only else {}))
   return ocp.CheckpointManager(
       directory, options=options,
       item_names=ARRAY_ITEMS + (EMA_ITEM, "meta"))

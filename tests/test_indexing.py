@@ -218,3 +218,23 @@ def test_index_py_resumes_after_kill_and_search_py_reads_it(
        f"--query={query.path}", f"--box={box}", "--checkpoint_step=999"],
       env=env, capture_output=True, text=True, timeout=600)
   assert bad.returncode == 1 and "checkpoint step" in bad.stderr
+
+
+@pytest.mark.slow
+def test_index_holds_the_evaluation_gallery_outputs(tiny_trained_workdir,
+                                                    tmp_path):
+  # The evaluation's own driver (eval_lib.run_inference: dataset source,
+  # protocol order) against index.py's path over the same image files.
+  workdir, config, params, step = _model(tiny_trained_workdir)
+  dataset = datasets.load_dataset(config.data)
+  inference = eval_lib.Inference(config, params)
+  detections, _ = eval_lib.run_inference(config, params, dataset, inference)
+  out = str(tmp_path / "index")
+  indexing.build(config, params, [a.path for a in dataset.gallery], out,
+                 workdir=workdir, step=step, det_thresh=0.0,
+                 inference=inference, progress=False)
+  with search_index.SearchIndex.open(out) as index:
+    assert index.num_rows == sum(len(d[1]) for d in detections.values())
+    for a in dataset.gallery:
+      _assert_frame_equals(index, os.path.abspath(a.path), 0,
+                           detections[a.name])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -51,7 +52,8 @@ class FaissIVF:
   first `rows` rows of a matrix.
 
   nlist = 2 sqrt(rows) clusters trained by k-means on up to 64 x nlist rows;
-  a query scans the `nprobe` nearest clusters. Its recall against exact
+  a query scans the `nprobe` nearest clusters (default max(32, nlist / 16):
+  about 1/16 of the rows at scale, all of them below ~1,250 rows). Its recall against exact
   search is measured by bench/bench_search_index.py (docs/search_index.md).
   """
 
@@ -85,10 +87,11 @@ class FaissIVF:
     index = _faiss().read_index(path)
     return cls(index, index.ntotal)
 
-  def top(self, query: np.ndarray, k: int, nprobe: int = 32
+  def top(self, query: np.ndarray, k: int, nprobe: Optional[int] = None
           ) -> tuple[np.ndarray, np.ndarray]:
     """Approximately the k most similar of the indexed rows, best first."""
-    self.index.nprobe = nprobe
+    self.index.nprobe = (max(32, self.index.nlist // 16) if nprobe is None
+                         else nprobe)
     k = min(k, self.rows)
     sims, ids = self.index.search(
         np.ascontiguousarray(query, np.float32)[None], k)

@@ -42,7 +42,8 @@ flags.DEFINE_float("every_seconds", 1.0,
 flags.DEFINE_float("det_thresh", None,
                    "Keep detections scoring >= this (default "
                    "config.eval.det_thresh).")
-flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default latest).")
+flags.DEFINE_integer("checkpoint_step", None,
+                     "Checkpoint step (default latest).")
 config_flags.DEFINE_config_file("config", None,
                                 "Config (default: DIR/config.json).")
 flags.mark_flags_as_required(["workdir", "gallery", "out"])

@@ -130,7 +130,8 @@ def video_frames(path: str, every_frames: int = 0,
   try:
     import av  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise MediaError(f"{path}: reading videos needs PyAV: pip install av") from e
+    raise MediaError(
+        f"{path}: reading videos needs PyAV: pip install av") from e
   try:
     container = av.open(path)
   except Exception as e:

@@ -53,8 +53,9 @@ class FaissIVF:
 
   nlist = 2 sqrt(rows) clusters trained by k-means on up to 64 x nlist rows;
   a query scans the `nprobe` nearest clusters (default max(32, nlist / 16):
-  about 1/16 of the rows at scale, all of them below ~1,250 rows). Its recall against exact
-  search is measured by bench/bench_search_index.py (docs/search_index.md).
+  about 1/16 of the rows at scale, all of them below ~1,250 rows). Its
+  recall against exact search is measured by bench/bench_search_index.py
+  (docs/search_index.md).
   """
 
   def __init__(self, index, rows: int):

@@ -166,8 +166,14 @@ def build(config: ml_collections.ConfigDict, params: Any, paths: Sequence[str],
   with search_index.SearchIndex.create_or_open(out, manifest) as index:
     if progress is None:
       progress = sys.stderr.isatty()
-    bar = tqdm.tqdm(total=_total_frames(files, sampling), unit="frame",
-                    desc="index", dynamic_ncols=True, disable=not progress)
+    already = 0  # frames of these files indexed by earlier runs
+    for f in files:
+      state = index.source_state(os.path.abspath(f))
+      if state is not None:
+        already += len(index.indexed_frames(state[0]))
+    bar = tqdm.tqdm(total=max(_total_frames(files, sampling), already),
+                    initial=already, unit="frame", desc="index",
+                    dynamic_ncols=True, disable=not progress)
     batch: list[tuple[int, media.Frame]] = []
     ended = []  # sources whose last frame is in `batch` or committed
     batches = 0

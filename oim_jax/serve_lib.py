@@ -141,7 +141,7 @@ class SearchApp:
     t1 = time.perf_counter()
     matches = self.index().search(
         query, top_k, min_score=min_score,
-        one_per_frame=bool(request.get("one_per_frame", False)))
+        one_per_frame=_true(request.get("one_per_frame", False)))
     t2 = time.perf_counter()
     return {
         "embed_ms": 1e3 * (t1 - t0), "search_ms": 1e3 * (t2 - t1),
@@ -153,6 +153,13 @@ class SearchApp:
             "box": [float(v) for v in m.box],
             "crop": f"/media/crop/{m.id}", "frame_url": f"/media/frame/{m.id}",
         } for m in matches]}
+
+
+def _true(value) -> bool:
+  """A JSON boolean, or a query-string one ("1", "true", "on")."""
+  if isinstance(value, str):
+    return value.strip().lower() in ("1", "true", "on", "yes")
+  return bool(value)
 
 
 def _png(im: Image.Image) -> bytes:

@@ -115,6 +115,11 @@ def test_api_search_crops_frames_and_errors(fake_server):
   code, _, body = _get(url + f"/api/search?source={listed[1]['id']}"
                        "&box=1,2,3,4&top_k=3")
   assert code == 200 and len(json.loads(body)["results"]) == 3
+  # Two of the three detections share a frame: one per frame keeps 2.
+  for flag, n in [("true", 2), ("false", 3), ("0", 3)]:
+    code, _, body = _get(url + f"/api/search?source={listed[1]['id']}"
+                         f"&box=1,2,3,4&top_k=3&one_per_frame={flag}")
+    assert code == 200 and len(json.loads(body)["results"]) == n, flag
 
   # Errors: a message and a 4xx, never a traceback or a file outside.
   for path, data, want in [

@@ -93,6 +93,7 @@ class SearchIndex:
     self._truncate_uncommitted()
     self._matrix = None
     self._ann = None
+    self._columns = None  # (source_id, score, timestamp) per row, cached
 
   # -- opening ---------------------------------------------------------------
 
@@ -292,15 +293,58 @@ class SearchIndex:
     self._ann.save(file)
     return self._ann
 
+  def _filter_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source_id int64 [n], score float32 [n], timestamp float64 [n], NaN
+    for images) of every row; read once, then only the rows added since."""
+    n = self.num_rows
+    have = 0 if self._columns is None else len(self._columns[0])
+    if have < n:
+      rows = self.db.execute(
+          "SELECT d.source_id, d.score, f.timestamp FROM detections d JOIN "
+          "frames f ON f.source_id = d.source_id AND f.frame = d.frame "
+          "WHERE d.id >= ? AND d.id < ? ORDER BY d.id", (have, n)).fetchall()
+      new = np.array([(r[0], r[1], np.nan if r[2] is None else r[2])
+                      for r in rows], np.float64).reshape(-1, 3)
+      parts = (new[:, 0].astype(np.int64), new[:, 1].astype(np.float32),
+               new[:, 2])
+      self._columns = parts if self._columns is None else tuple(
+          np.concatenate([a, b]) for a, b in zip(self._columns, parts))
+    return tuple(c[:n] for c in self._columns)
+
+  def _filter_mask(self, min_score, source_glob, time_range
+                   ) -> Optional[np.ndarray]:
+    """bool [n]: the rows the filters keep; None without filters."""
+    if min_score <= 0 and not source_glob and time_range is None:
+      return None
+    source_id, score, timestamp = self._filter_columns()
+    mask = score >= min_score
+    if source_glob:
+      keep = [i for i, path in self.db.execute("SELECT id, path FROM sources")
+              if fnmatch.fnmatch(path, source_glob)]
+      mask &= np.isin(source_id, np.asarray(keep, np.int64))
+    if time_range is not None:
+      with np.errstate(invalid="ignore"):  # NaN (images) compares False
+        mask &= (timestamp >= time_range[0]) & (timestamp <= time_range[1])
+    return mask
+
   def _candidates(self, query, k, method, cache):
     """Best-first (ids, similarities): at least the k best (exact), or the
     faiss index's k best plus the exact k best of the rows added after it.
-    `cache` keeps the query's exact similarities between calls."""
+    Rows outside cache["mask"] (the filters) are left out. `cache` keeps
+    the query's exact similarities between calls."""
     matrix = self.embeddings()
+    mask = cache["mask"]
     if method == "exact":
       if "sims" not in cache:
-        cache["sims"] = vector_search.similarities(matrix, query)
-      return vector_search.exact_top(cache["sims"], k)
+        sims = vector_search.similarities(matrix, query)
+        if mask is not None:  # filtered rows sort last, and are cut below
+          sims[~mask] = -np.inf
+        cache["sims"] = sims
+      ids, sims = vector_search.exact_top(cache["sims"], k)
+      if mask is not None:
+        keep = mask[ids]
+        ids, sims = ids[keep], sims[keep]
+      return ids, sims
     ann = self.approximate()
     ids, sims = ann.top(query, k)
     if ann.rows < len(matrix):
@@ -312,6 +356,9 @@ class SearchIndex:
       # Only the first k of the merge are the k best of both parts.
       order = np.lexsort((ids, -sims))[:k]
       ids, sims = ids[order], sims[order]
+    if mask is not None:  # faiss ranks all rows: filter its candidates
+      keep = mask[ids]
+      ids, sims = ids[keep], sims[keep]
     return ids, sims
 
   def search(self, query: np.ndarray, top_k: int = 10, *,
@@ -342,24 +389,19 @@ class SearchIndex:
     if method == "auto":
       method = ("approximate" if n >= APPROXIMATE_FROM
                 and vector_search.have_faiss() else "exact")
-    # Rank lazily: the filters look at candidates best first, fetching their
-    # metadata in growing blocks, so a query reads few rows of SQLite; the
-    # candidate lists grow by prefixes, so nothing is looked at twice.
+    # The filters are one mask over the rows (their columns are read from
+    # SQLite once per open index). Candidates are then taken best first in
+    # growing blocks, their metadata fetched block by block, until top_k
+    # pass one_per_frame (and, for faiss, the mask); the lists grow by
+    # prefixes, so nothing is looked at twice.
     want, hits, seen_frames, pos = max(4 * top_k, 64), [], set(), 0
-    cache = {}
+    cache = {"mask": self._filter_mask(min_score, source_glob, time_range)}
     while len(hits) < top_k:
       order, sims = self._candidates(query, want, method, cache)
       meta = self._rows(order[pos:])
       for i, sim in zip(order[pos:], sims[pos:]):
         path, frame, t, x1, y1, x2, y2, score = meta[int(i)]
         pos += 1
-        if score < min_score:
-          continue
-        if source_glob and not fnmatch.fnmatch(path, source_glob):
-          continue
-        if time_range is not None and (
-            t is None or not time_range[0] <= t <= time_range[1]):
-          continue
         if one_per_frame:
           if (path, frame) in seen_frames:
             continue

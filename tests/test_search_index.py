@@ -183,7 +183,8 @@ def test_approximate_search_with_rows_added_after_it(tmp_path):
                                                _manifest()) as index:
     sid = index.source_id(str(tmp_path / "a.png"), "image")
     index.add_batch([(sid, 0, None, 10, 10)],
-                    [(sid, 0, np.zeros(4), 1.0)] * 1000, e[:1000])
+                    [(sid, 0, np.zeros(4), i / 1000) for i in range(1000)],
+                    e[:1000])
     assert index.approximate().rows == 1000
     assert os.path.exists(tmp_path / "i" / search_index.ANN)
     index.add_batch([], [(sid, 0, np.zeros(4), 1.0)] * 50, e[1000:1050])
@@ -192,6 +193,11 @@ def test_approximate_search_with_rows_added_after_it(tmp_path):
       want = [h.id for h in index.search(q, 20, method="exact")]
       got = [h.id for h in index.search(q, 20, method="approximate")]
       assert got == want
+      want = [h.id for h in index.search(q, 20, method="exact",
+                                         min_score=0.7)]
+      assert want and all(i >= 700 for i in want)
+      assert want == [h.id for h in index.search(q, 20, min_score=0.7,
+                                                 method="approximate")]
   with search_index.SearchIndex.open(str(tmp_path / "i")) as index:
     assert index.approximate(build=False).rows == 1000  # loaded, still fresh
     index.add_batch([], [(sid, 0, np.zeros(4), 1.0)] * 60, e[1050:])

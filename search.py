@@ -9,7 +9,7 @@ a query box.
 With --index only the query is embedded (by the model the index was built
 with: its workdir and checkpoint step are in the index) and the stored
 detections are ranked; filters: --min_score, --source, --time,
---one_per_frame. With --gallery every gallery image is detected again. The
+--one_per_frame; approximate search: --method, --nprobe. With --gallery every gallery image is detected again. The
 model's config comes from DIR/config.json unless --config is given.
 """
 
@@ -56,6 +56,10 @@ flags.DEFINE_enum("method", "auto", ["auto", "exact", "approximate"],
                   "--index: exact matmul, or faiss (pip install faiss-cpu); "
                   "auto: approximate from 1M detections when faiss is "
                   "installed.")
+flags.DEFINE_integer("nprobe", None,
+                     "--index, approximate search: faiss clusters to scan "
+                     "(default max(32, clusters/16); more: higher recall, "
+                     "slower; docs/search_index.md has the trade-off).")
 config_flags.DEFINE_config_file("config", None, "Config (default: DIR/config.json).")
 flags.mark_flags_as_required(["query", "box"])
 
@@ -89,7 +93,7 @@ def _search_index(box):
     matches = index.search(query, FLAGS.top_k, min_score=FLAGS.min_score,
                            source_glob=FLAGS.source, time_range=time_range,
                            one_per_frame=FLAGS.one_per_frame,
-                           method=FLAGS.method)
+                           method=FLAGS.method, nprobe=FLAGS.nprobe)
     print(f"ranked {index.num_rows} detections in "
           f"{1e3 * (time.perf_counter() - t0):.1f} ms")
   return matches, step

@@ -45,6 +45,10 @@ EMBEDDINGS = "embeddings.f32"
 ANN = "approximate.faiss"
 # From this many detections on, search method "auto" is approximate.
 APPROXIMATE_FROM = 1_000_000
+# Filters that keep at most this share of the rows are searched exactly over
+# the kept rows, also by "approximate": reading them costs less than faiss's
+# default scan of ~1/16 of the rows, and the result is exact.
+SELECTIVE = 1 / 16
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sources(
@@ -327,45 +331,59 @@ class SearchIndex:
         mask &= (timestamp >= time_range[0]) & (timestamp <= time_range[1])
     return mask
 
-  def _candidates(self, query, k, method, cache):
+  def _candidates(self, query, k, method, cache, nprobe=None):
     """Best-first (ids, similarities): at least the k best (exact), or the
     faiss index's k best plus the exact k best of the rows added after it.
     Rows outside cache["mask"] (the filters) are left out. `cache` keeps
     the query's exact similarities between calls."""
     matrix = self.embeddings()
     mask = cache["mask"]
-    if method == "exact":
+    if mask is not None and "kept" not in cache:
+      cache["kept"] = np.flatnonzero(mask)
+    kept = cache.get("kept")
+    if method == "exact" or (kept is not None
+                             and len(kept) <= SELECTIVE * len(matrix)):
       if "sims" not in cache:
-        sims = vector_search.similarities(matrix, query)
-        if mask is not None:  # filtered rows sort last, and are cut below
-          sims[~mask] = -np.inf
-        cache["sims"] = sims
+        if kept is not None and len(kept) <= len(matrix) // 2:
+          # Read only the rows the filters keep.
+          cache["rows"] = kept
+          cache["sims"] = vector_search.row_similarities(matrix, kept, query)
+        else:
+          sims = vector_search.similarities(matrix, query)
+          if mask is not None:  # filtered rows sort last, and are cut below
+            sims[~mask] = -np.inf
+          cache["sims"] = sims
       ids, sims = vector_search.exact_top(cache["sims"], k)
-      if mask is not None:
+      if "rows" in cache:
+        ids = cache["rows"][ids]
+      elif mask is not None:
         keep = mask[ids]
         ids, sims = ids[keep], sims[keep]
       return ids, sims
     ann = self.approximate()
-    ids, sims = ann.top(query, k)
+    ids, sims = ann.top(query, k, nprobe, mask)  # faiss skips masked rows
     if ann.rows < len(matrix):
       if "tail" not in cache:
-        cache["tail"] = vector_search.similarities(matrix[ann.rows:], query)
-      tail_ids, tail_sims = vector_search.exact_top(cache["tail"], k)
-      ids = np.concatenate([ids, tail_ids + ann.rows])
+        rows = np.arange(ann.rows, len(matrix))
+        if mask is not None:
+          rows = rows[mask[ann.rows:]]
+        cache["tail"] = (rows, vector_search.row_similarities(matrix, rows,
+                                                              query))
+      rows, tail = cache["tail"]
+      tail_ids, tail_sims = vector_search.exact_top(tail, k)
+      ids = np.concatenate([ids, rows[tail_ids]])
       sims = np.concatenate([sims, tail_sims])
       # Only the first k of the merge are the k best of both parts.
       order = np.lexsort((ids, -sims))[:k]
       ids, sims = ids[order], sims[order]
-    if mask is not None:  # faiss ranks all rows: filter its candidates
-      keep = mask[ids]
-      ids, sims = ids[keep], sims[keep]
     return ids, sims
 
   def search(self, query: np.ndarray, top_k: int = 10, *,
              min_score: float = 0.0, source_glob: Optional[str] = None,
              time_range: Optional[tuple[float, float]] = None,
              one_per_frame: bool = False,
-             method: str = "auto") -> list[Match]:
+             method: str = "auto",
+             nprobe: Optional[int] = None) -> list[Match]:
     """Inner-product search, best first.
 
     Args:
@@ -377,7 +395,10 @@ class SearchIndex:
       one_per_frame: at most one hit (the most similar) per source frame.
       method: "exact" (chunked matmul), "approximate" (faiss, see
         oim_jax/vector_search.py) or "auto": approximate from
-        APPROXIMATE_FROM rows when faiss is installed.
+        APPROXIMATE_FROM rows when faiss is installed. Filters that keep
+        at most SELECTIVE of the rows are searched exactly either way.
+      nprobe: approximate only: faiss clusters scanned (default
+        FaissIVF.default_nprobe(); more: higher recall, slower).
     """
     if method not in ("auto", "exact", "approximate"):
       raise ValueError(f"search method {method!r}: use auto, exact or "
@@ -392,12 +413,12 @@ class SearchIndex:
     # The filters are one mask over the rows (their columns are read from
     # SQLite once per open index). Candidates are then taken best first in
     # growing blocks, their metadata fetched block by block, until top_k
-    # pass one_per_frame (and, for faiss, the mask); the lists grow by
-    # prefixes, so nothing is looked at twice.
+    # pass one_per_frame; the lists grow by prefixes, so nothing is looked
+    # at twice.
     want, hits, seen_frames, pos = max(4 * top_k, 64), [], set(), 0
     cache = {"mask": self._filter_mask(min_score, source_glob, time_range)}
     while len(hits) < top_k:
-      order, sims = self._candidates(query, want, method, cache)
+      order, sims = self._candidates(query, want, method, cache, nprobe)
       meta = self._rows(order[pos:])
       for i, sim in zip(order[pos:], sims[pos:]):
         path, frame, t, x1, y1, x2, y2, score = meta[int(i)]

@@ -25,6 +25,16 @@ def similarities(matrix: np.ndarray, query: np.ndarray,
   return sims
 
 
+def row_similarities(matrix: np.ndarray, rows: np.ndarray, query: np.ndarray,
+                     chunk_rows: int = 1 << 16) -> np.ndarray:
+  """[len(rows)] inner products of matrix[rows] [m, D] with `query` [D]:
+  reads only those rows (a selective filter costs what it keeps)."""
+  sims = np.empty((len(rows),), np.float32)
+  for i in range(0, len(rows), chunk_rows):
+    sims[i:i + chunk_rows] = matrix[rows[i:i + chunk_rows]] @ query
+  return sims
+
+
 def exact_top(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   """The k best of `sims` [n], and ties: every id at least as similar as
   the k-th best (more than k when it is tied), in (similarity desc, id)
@@ -88,14 +98,38 @@ class FaissIVF:
     index = _faiss().read_index(path)
     return cls(index, index.ntotal)
 
-  def top(self, query: np.ndarray, k: int, nprobe: Optional[int] = None
+  def default_nprobe(self) -> int:
+    return min(self.index.nlist, max(32, self.index.nlist // 16))
+
+  def top(self, query: np.ndarray, k: int, nprobe: Optional[int] = None,
+          mask: Optional[np.ndarray] = None
           ) -> tuple[np.ndarray, np.ndarray]:
-    """Approximately the k most similar of the indexed rows, best first."""
-    self.index.nprobe = (max(32, self.index.nlist // 16) if nprobe is None
-                         else nprobe)
+    """Approximately the k most similar of the indexed rows, best first.
+
+    Args:
+      query: [D].
+      k: candidates wanted (fewer come back when the probed clusters hold
+        fewer rows, or fewer rows that `mask` keeps).
+      nprobe: clusters scanned (default `default_nprobe()`; at most nlist,
+        which scans every row: exact, at the cost of a full scan).
+      mask: optional bool [>= rows]: only rows where it is True are
+        returned (faiss skips the others while it scans).
+    """
+    faiss = _faiss()
+    nprobe = self.default_nprobe() if nprobe is None else int(nprobe)
+    if nprobe < 1:
+      raise ValueError(f"nprobe={nprobe}: scan at least 1 cluster")
+    nprobe = min(nprobe, self.index.nlist)
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    if mask is not None:
+      # faiss reads bit (id & 7) of byte (id >> 3): little-endian packing.
+      bits = np.packbits(np.asarray(mask[:self.rows], bool),
+                         bitorder="little")
+      selector = faiss.IDSelectorBitmap(self.rows, faiss.swig_ptr(bits))
+      params.sel = selector
     k = min(k, self.rows)
     sims, ids = self.index.search(
-        np.ascontiguousarray(query, np.float32)[None], k)
+        np.ascontiguousarray(query, np.float32)[None], k, params=params)
     ids, sims = ids[0], sims[0]
     ok = ids >= 0  # fewer than k rows in the probed clusters
     ids, sims = ids[ok], sims[ok]

@@ -19,6 +19,7 @@ from oim_jax import eval_lib
 from oim_jax import indexing
 from oim_jax import search_index
 from oim_jax import search_lib
+from oim_jax import vector_search
 from oim_jax.data import datasets
 from oim_jax.data.dataset import ImageAnnotation
 
@@ -207,8 +208,11 @@ def test_index_py_resumes_after_kill_and_search_py_reads_it(
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "search.py"), f"--index={full}",
        f"--query={query.path}", f"--box={box}", "--top_k=4", f"--out={png}",
-       "--source=*.mp4"], env=env, capture_output=True, text=True,
-      timeout=600)
+       "--source=*.mp4",
+       # The flags reach faiss (the filter then searches exactly).
+       *(["--method=approximate", "--nprobe=2"]
+         if vector_search.have_faiss() else [])],
+      env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [l for l in proc.stdout.splitlines() if "cam.mp4" in l]
   assert len(lines) == 4 and all(" at " in l for l in lines), proc.stdout

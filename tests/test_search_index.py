@@ -206,3 +206,45 @@ def test_approximate_search_with_rows_added_after_it(tmp_path):
   with pytest.raises(ValueError, match="method"):
     search_index.SearchIndex.open(str(tmp_path / "i")).search(e[0], 1,
                                                               method="ann")
+
+
+@pytest.mark.skipif(not vector_search.have_faiss(),
+                    reason="faiss not installed (pip install faiss-cpu)")
+def test_approximate_search_under_filters_and_nprobe(tmp_path):
+  # 6,000 rows in 60 files: nlist = 153 clusters, the default scans 32.
+  rng = np.random.default_rng(4)
+  e = rng.normal(size=(6000, DIM)).astype(np.float32)
+  e /= np.linalg.norm(e, axis=1, keepdims=True)
+  scores = rng.uniform(size=6000)
+  path = str(tmp_path / "i")
+  with search_index.SearchIndex.create_or_open(path, _manifest()) as index:
+    for s in range(60):
+      src = tmp_path / f"cam{s:02d}.png"
+      src.write_bytes(b"x")
+      sid = index.source_id(str(src), "image")
+      rows = range(100 * s, 100 * s + 100)
+      index.add_batch([(sid, 0, None, 10, 10)],
+                      [(sid, 0, np.zeros(4), scores[i]) for i in rows],
+                      e[100 * s:100 * s + 100])
+    nlist = index.approximate().index.nlist
+    assert nlist == 153
+    for q in e[:8] + 0.2 * rng.normal(size=(8, DIM)).astype(np.float32):
+      q /= np.linalg.norm(q)
+      sims = e @ q
+      ranked = lambda keep: sorted(np.flatnonzero(keep),
+                                   key=lambda i: (-sims[i], i))[:10]
+      # One file in 60 (< SELECTIVE): searched exactly over its rows.
+      one = np.zeros(6000, bool)
+      one[700:800] = True
+      got = index.search(q, 10, source_glob="*cam07.png",
+                         method="approximate")
+      assert [h.id for h in got] == ranked(one)
+      # Half the rows: faiss with the mask; all clusters is exact.
+      half = scores >= 0.5
+      got = index.search(q, 10, min_score=0.5, method="approximate",
+                         nprobe=nlist)
+      assert [h.id for h in got] == ranked(half)
+      got = index.search(q, 10, min_score=0.5, method="approximate")
+      assert len(got) == 10 and all(h.score >= 0.5 for h in got)
+      got = index.search(q, 10, method="approximate", nprobe=nlist)
+      assert [h.id for h in got] == ranked(np.ones(6000, bool))

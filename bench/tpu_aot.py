@@ -224,8 +224,49 @@ def markdown_table(records) -> str:
   return "\n".join(lines)
 
 
+def largest_batches(records) -> list[dict]:
+  """Per (chip, what, dtype) of the whole-program compiles (not parts): the
+  largest batch that fits, the smallest compiled batch that does not, and
+  the largest batch's record. A later run's record of a batch replaces an
+  earlier one's."""
+  latest = {}
+  for r in sorted(records, key=lambda r: r.get("run", "")):
+    if r.get("what") in ("train", "detect"):
+      latest[(r["chip"], r["what"], r["dtype"], r["batch"])] = r
+  groups = {}
+  for (chip, what, dtype, _), r in sorted(latest.items()):
+    groups.setdefault((chip, what, dtype), []).append(r)
+  out = []
+  for (chip, what, dtype), rs in groups.items():
+    fit = [r for r in rs if r.get("fits")]
+    over = [r["batch"] for r in rs if not r.get("fits")]
+    if fit:
+      best = max(fit, key=lambda r: r["batch"])
+      out.append({"chip": chip, "what": what, "dtype": dtype, "best": best,
+                  "first_over": min([b for b in over if b > best["batch"]],
+                                    default=None)})
+  return out
+
+
+def largest_batch_table(records) -> str:
+  lines = ["| chip | what | dtype | largest batch compiled that fits | peak "
+           "GiB | next batch | FLOP/B | roofline img/s | commit |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for g in largest_batches(records):
+    b = g["best"]
+    nxt = ("not compiled" if g["first_over"] is None
+           else f"{g['first_over']}: does not fit")
+    lines.append(
+        f"| {g['chip']} | {g['what']} | {g['dtype']} | {b['batch']} | "
+        f"{_fmt(b.get('peak_gib'))} | {nxt} | {_fmt(b.get('flop_per_byte'), 1)}"
+        f" | {_fmt(b.get('roofline_images_per_s'), 1)} | "
+        f"{b.get('meta', {}).get('git_commit', '-')} |")
+  return "\n".join(lines)
+
+
 def markdown_report(records) -> str:
-  """Every run in `records` (JSON lines of --out), newest first."""
+  """A largest-batch summary, then every run in `records` (JSON lines of
+  --out), newest first."""
   runs = {}
   for r in records:
     runs.setdefault(r.get("run", "?"), []).append(r)
@@ -237,6 +278,9 @@ def markdown_report(records) -> str:
          "bytes/img / HBM B/s). Chip peaks: " + ", ".join(
              f"{k} {v['peak_tflops']:g} TFLOP/s, {v['hbm_gbps']:g} GB/s, "
              f"{v['hbm_gib']:g} GiB" for k, v in CHIPS.items()) + ".", ""]
+  if largest_batches(records):
+    out += ["Largest batch per chip (over the runs below; \"fits\": peak <= "
+            "the chip's HBM):", "", largest_batch_table(records), ""]
   for run in sorted(runs, reverse=True):
     rs = runs[run]
     m = rs[0].get("meta", {})

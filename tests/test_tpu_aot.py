@@ -99,3 +99,22 @@ def test_chip_table():
   assert tpu_aot.CHIPS["v5e"]["hbm_gib"] == 16.0
   assert tpu_aot.CHIPS["v4"]["hbm_gbps"] == 1200.0
   assert set(tpu_aot.CHIPS) == {"v4", "v5e", "v6e"}
+
+
+def test_largest_batches_takes_the_newest_run_per_batch():
+  rec = lambda run, chip, batch, fits, what="train": {
+      "run": run, "chip": chip, "what": what, "dtype": "bfloat16",
+      "batch": batch, "fits": fits, "peak_gib": float(batch),
+      "meta": {"git_commit": run}}
+  records = [rec("a", "v5e", 4, True), rec("a", "v5e", 8, True),
+             rec("b", "v5e", 8, False),  # a newer run: 8 no longer fits
+             rec("b", "v5e", 16, False), rec("b", "v4", 2, True),
+             rec("b", "v4", 1, True, what="part:stem")]
+  got = {(g["chip"], g["what"]): (g["best"]["batch"], g["first_over"],
+                                  g["best"]["meta"]["git_commit"])
+         for g in tpu_aot.largest_batches(records)}
+  assert got == {("v5e", "train"): (4, 8, "a"), ("v4", "train"): (2, None,
+                                                                  "b")}
+  table = tpu_aot.largest_batch_table(records)
+  assert "| v5e | train | bfloat16 | 4 | 4.00 | 8: does not fit |" in table
+  assert "| v4 | train | bfloat16 | 2 | 2.00 | not compiled |" in table

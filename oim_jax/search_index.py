@@ -432,6 +432,16 @@ class SearchIndex:
                           float(sim), score, frame, t, int(i)))
         if len(hits) == top_k:
           break
+      passing = n if cache["mask"] is None else len(cache["kept"])
+      if (len(hits) < top_k and method == "approximate"
+          and len(order) < min(want, passing)):
+        # faiss's probed clusters hold fewer passing rows than asked for:
+        # a deeper faiss search cannot find more, the exact scan can.
+        logging.info("approximate search found %d of %d candidates; "
+                     "searching exactly (or raise nprobe)", len(order), want)
+        method, want, hits, seen_frames, pos = "exact", want, [], set(), 0
+        cache = {"mask": cache["mask"], "kept": cache.get("kept")}
+        continue
       if want >= n:
         break
       want = min(n, want * 4)

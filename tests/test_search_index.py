@@ -248,3 +248,9 @@ def test_approximate_search_under_filters_and_nprobe(tmp_path):
       assert len(got) == 10 and all(h.score >= 0.5 for h in got)
       got = index.search(q, 10, method="approximate", nprobe=nlist)
       assert [h.id for h in got] == ranked(np.ones(6000, bool))
+      # One cluster (~40 rows, ~20 passing) cannot give 60 hits: the
+      # search falls back to the exact scan instead of returning fewer.
+      got = index.search(q, 60, min_score=0.5, method="approximate",
+                         nprobe=1)
+      assert [h.id for h in got] == sorted(
+          np.flatnonzero(half), key=lambda i: (-sims[i], i))[:60]

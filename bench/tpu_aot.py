@@ -83,6 +83,9 @@ if REPO not in sys.path:
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hlo_bytes  # noqa: E402  pylint: disable=g-import-not-at-top
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 GIB = 2 ** 30
@@ -154,8 +157,15 @@ def run_ladder(compile_one, batches):
 
 
 def summarize(chip: str, what: str, dtype: str, batch: int, mem: dict,
-              cost: dict, compile_s: float, lower_s: float = 0.0) -> dict:
-  """One compile's record from its memory / cost analyses (dicts)."""
+              cost: dict, compile_s: float, lower_s: float = 0.0,
+              hbm_bytes: float | None = None) -> dict:
+  """One compile's record from its memory / cost analyses (dicts).
+
+  hbm_bytes: the compiled module's device-memory (HBM) traffic by
+  bench/hlo_bytes.py, if known. XLA's "bytes accessed" also counts the
+  operands that memory-space assignment put in on-chip memory; the HBM
+  roofline uses this instead.
+  """
   spec = CHIPS[chip]
   peak = peak_bytes(mem)
   flops = float(cost.get("flops", 0.0))
@@ -178,6 +188,13 @@ def summarize(chip: str, what: str, dtype: str, batch: int, mem: dict,
           fpi, bpi, spec["peak_tflops"] * 1e12, spec["hbm_gbps"] * 1e9),
       "bound": ("compute" if fpi / (spec["peak_tflops"] * 1e12)
                 >= bpi / (spec["hbm_gbps"] * 1e9) else "memory"),
+      "hbm_gib_per_image": (None if hbm_bytes is None
+                            else hbm_bytes / batch / GIB),
+      "hbm_roofline_images_per_s": (None if hbm_bytes is None
+                                    else roofline_images_per_s(
+                                        fpi, hbm_bytes / batch,
+                                        spec["peak_tflops"] * 1e12,
+                                        spec["hbm_gbps"] * 1e9)),
       "lower_s": lower_s, "compile_s": compile_s,
   }
 
@@ -207,6 +224,8 @@ COLUMNS = (("chip", "chip", 0), ("what", "what", 0), ("dtype", "dtype", 0),
            ("gib_accessed_per_image", "GiB acc/img", 2),
            ("flop_per_byte", "FLOP/B", 1),
            ("roofline_images_per_s", "roofline img/s", 1),
+           ("hbm_gib_per_image", "HBM GiB/img", 2),
+           ("hbm_roofline_images_per_s", "HBM roofline img/s", 1),
            ("compile_s", "compile s", 0))
 
 
@@ -250,8 +269,9 @@ def largest_batches(records) -> list[dict]:
 
 def largest_batch_table(records) -> str:
   lines = ["| chip | what | dtype | largest batch compiled that fits | peak "
-           "GiB | next batch | FLOP/B | roofline img/s | commit |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "GiB | next batch | FLOP/B | roofline img/s | HBM roofline img/s "
+           "| commit |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for g in largest_batches(records):
     b = g["best"]
     nxt = ("not compiled" if g["first_over"] is None
@@ -260,6 +280,7 @@ def largest_batch_table(records) -> str:
         f"| {g['chip']} | {g['what']} | {g['dtype']} | {b['batch']} | "
         f"{_fmt(b.get('peak_gib'))} | {nxt} | {_fmt(b.get('flop_per_byte'), 1)}"
         f" | {_fmt(b.get('roofline_images_per_s'), 1)} | "
+        f"{_fmt(b.get('hbm_roofline_images_per_s'), 1)} | "
         f"{b.get('meta', {}).get('git_commit', '-')} |")
   return "\n".join(lines)
 
@@ -275,7 +296,9 @@ def markdown_report(records) -> str:
          "analyses of the compiled programs, no step is run. peak = XLA's "
          "peak where reported, else arguments + outputs - aliased + temp + "
          "code; roofline img/s = 1 / max(FLOP/img / peak bf16 FLOP/s, "
-         "bytes/img / HBM B/s). Chip peaks: " + ", ".join(
+         "bytes/img / HBM B/s) with XLA's bytes accessed (which include operands "
+         "in on-chip memory); HBM roofline: the same with the HBM bytes of "
+         "the compiled module (bench/hlo_bytes.py). Chip peaks: " + ", ".join(
              f"{k} {v['peak_tflops']:g} TFLOP/s, {v['hbm_gbps']:g} GB/s, "
              f"{v['hbm_gib']:g} GiB" for k, v in CHIPS.items()) + ".", ""]
   if largest_batches(records):
@@ -596,8 +619,12 @@ def log(msg: str):
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def compile_one(chip, what, dtype, batch, build, extra=None):
-  """Lowers and compiles build() -> (fn, args); a failure becomes a record."""
+def compile_one(chip, what, dtype, batch, build, extra=None, hlo_dir=""):
+  """Lowers and compiles build() -> (fn, args); a failure becomes a record.
+
+  hlo_dir: if set, the compiled module's text goes to
+  hlo_dir/<chip>_<what>_<dtype>_b<batch>.hlo.txt (for bench/hlo_bytes.py).
+  """
   label = f"{chip} {what} {dtype} batch {batch}"
   log(f"start {label}")
   t0 = time.perf_counter()
@@ -617,7 +644,15 @@ def compile_one(chip, what, dtype, batch, build, extra=None):
     return rec
   mem = _as_dict(compiled.memory_analysis())
   cost = _as_dict(compiled.cost_analysis())
-  rec = summarize(chip, what, dtype, batch, mem, cost, t2 - t1, t1 - t0)
+  text = compiled.as_text()
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    name = f"{chip}_{what.replace(':', '-')}_{dtype}_b{batch}.hlo.txt"
+    with open(os.path.join(hlo_dir, name), "w") as f:
+      f.write(text)
+  hbm = sum(i["bytes"] for i in hlo_bytes.instructions(text))
+  rec = summarize(chip, what, dtype, batch, mem, cost, t2 - t1, t1 - t0,
+                  hbm_bytes=hbm)
   rec["memory_analysis"] = {k: int(v) for k, v in mem.items()
                             if isinstance(v, (int, float))}
   rec["cost_analysis"] = {k: float(v) for k, v in cost.items()
@@ -628,7 +663,9 @@ def compile_one(chip, what, dtype, batch, build, extra=None):
       f"peak {rec['peak_gib']:.2f} GiB (fits {rec['fits']}), "
       f"{rec['gflop_per_image']:.1f} GFLOP/img, "
       f"{rec['gib_accessed_per_image']:.2f} GiB/img, roofline "
-      f"{rec['roofline_images_per_s']:.1f} img/s")
+      f"{rec['roofline_images_per_s']:.1f} img/s; HBM "
+      f"{rec['hbm_gib_per_image']:.2f} GiB/img, "
+      f"{rec['hbm_roofline_images_per_s']:.1f} img/s")
   return rec
 
 
@@ -662,6 +699,9 @@ def main(argv=None):
   p.add_argument("--out", default=os.path.join(REPO, "bench", "results",
                                                "tpu_aot.jsonl"))
   p.add_argument("--md", default="", help="default: --out with .md")
+  p.add_argument("--hlo_dir", default="",
+                 help="also write each compiled module's text here "
+                 "(bench/hlo_bytes.py breaks its bytes down)")
   args = p.parse_args(argv)
 
   from oim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -693,7 +733,8 @@ def main(argv=None):
 
   def compile_with(chip, device, what, dtype, batch, build, extra=None):
     config.model.dtype = dtype
-    return record(compile_one(chip, what, dtype, batch, build, extra))
+    return record(compile_one(chip, what, dtype, batch, build, extra,
+                              args.hlo_dir))
 
   train_batches = (parse_batches(args.batches) if args.batches
                    else power_ladder(args.max_batch))

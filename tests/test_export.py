@@ -13,9 +13,10 @@ platforms=(...))`, and check the lowered StableHLO text:
     SPMDShardToFullShape; with Shardy, JAX 0.10's default partitioner,
     shard_map is an sdy.manual_computation and there are none at all);
   * no f64 anywhere;
-  * no CPU-only code path: resnet.Conv3x3's im2col weight gradient and
-    StemConv's space-to-depth form run under jax.named_scope
-    (resnet.IM2COL_WGRAD_SCOPE, SPACE_TO_DEPTH_SCOPE), whose names appear
+  * no CPU-only code path: resnet.Conv3x3's im2col weight gradient,
+    StemConv's space-to-depth form and the sliced max pool run under
+    jax.named_scope (resnet.IM2COL_WGRAD_SCOPE, SPACE_TO_DEPTH_SCOPE,
+    SLICED_MAX_POOL_SCOPE), whose names appear
     in the module's locations (`Exported.mlir_module()` prints them); the
     config sets stem_space_to_depth = True, which accelerators must ignore.
     Positive control: the same config lowered for "cpu" contains both.
@@ -102,6 +103,7 @@ SCRIPT = textwrap.dedent(r"""
           "locations": "loc(" in text and "/dot_general" in text,
           "im2col": resnet.IM2COL_WGRAD_SCOPE in text,
           "space_to_depth": resnet.SPACE_TO_DEPTH_SCOPE in text,
+          "sliced_max_pool": resnet.SLICED_MAX_POOL_SCOPE in text,
           "roi_align_method": model.roi_align_method,
           "model_platform": model.platform,
       }
@@ -174,6 +176,7 @@ def _check_portable(facts, platform):
   if platform != "cpu":
     assert not facts["im2col"], name
     assert not facts["space_to_depth"], name
+    assert not facts["sliced_max_pool"], name
   assert facts["roi_align_method"] == {"tpu": "einsum"}.get(platform,
                                                             "gather"), name
   assert facts["model_platform"] == {"cuda": "gpu"}.get(platform, platform)
@@ -206,6 +209,7 @@ def test_cpu_lowering_has_the_cpu_paths(lowerings):
   _check_portable(train, "cpu")
   # Auto threshold 512 on CPU: the RPN's 1024-channel conv and res5's.
   assert train["im2col"] and train["space_to_depth"], train
+  assert train["sliced_max_pool"], train
   detect = lowerings["detect/cpu"]
   _check_portable(detect, "cpu")
-  assert detect["space_to_depth"], detect
+  assert detect["space_to_depth"] and detect["sliced_max_pool"], detect

@@ -2,12 +2,14 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from oim_jax.models import person_search
 from oim_jax.models import resnet
 from oim_jax.models import rpn
 
@@ -281,6 +283,158 @@ def test_max_pool_3x3_s2_matches_numpy_values_and_gradient(hw):
     want_grad[b, r, col, ch] += cot[b, i, j, ch]
   np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-6,
                              atol=1e-6)
+
+
+@pytest.mark.parametrize("hw", [(8, 10), (9, 7), (1, 2)])
+def test_max_pool_window_matches_numpy(hw):
+  """The accelerators' reduce_window pool: the same values as the loops."""
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(2,) + hw + (3,)).astype(np.float32)
+  want, _ = _numpy_max_pool_3x3_s2(x)
+  np.testing.assert_array_equal(
+      np.asarray(resnet.max_pool_window(jnp.asarray(x))), want)
+
+
+def test_stem_max_pool_per_platform():
+  assert person_search.stem_max_pool("cpu") is resnet.max_pool_3x3_s2
+  for platform in ("tpu", "gpu", "cuda"):
+    assert person_search.stem_max_pool(platform) is resnet.max_pool_window
+  assert resnet.ResNetStem().max_pool is resnet.max_pool_window
+
+
+def _reference_conv(x, kernel, strides):
+  """SAME-as-torch conv (padding k // 2) written directly with lax."""
+  k = kernel.shape[0]
+  return jax.lax.conv_general_dilated(
+      x, kernel, (strides, strides), [(k // 2, k // 2)] * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("conv_cls,kernel,strides", [
+    (resnet.Conv1x1, 1, 1), (resnet.Conv1x1, 1, 2), (resnet.Conv3x3, 3, 1),
+    (resnet.Conv3x3, 3, 2), (resnet.StemConv, 7, 2)])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_conv_bn_folds_the_frozen_scale_into_the_kernel(conv_cls, kernel,
+                                                        strides, trainable):
+  """conv_bn == conv followed by x * scale + bias, in value and in the
+  gradients of the input, the kernel and (when trainable) the affine;
+  without training the affine gets no gradient."""
+  rng = np.random.default_rng(kernel * 10 + strides)
+  x = jnp.asarray(rng.normal(size=(2, 9, 11, 5)).astype(np.float32))
+  cout = 6
+
+  class Pair(nn.Module):
+    @nn.compact
+    def __call__(self, v):
+      conv = (conv_cls(cout, dtype=jnp.float32, name="conv")
+              if conv_cls is resnet.StemConv
+              else conv_cls(cout, strides, jnp.float32, name="conv"))
+      bn = resnet.FrozenBatchNorm(trainable=trainable, name="bn")
+      return resnet.conv_bn(conv, bn, v, cout)
+
+  pair = Pair()
+  params = pair.init(jax.random.PRNGKey(0), x)["params"]
+  params["bn"] = {"scale": jnp.asarray(rng.uniform(0.5, 2.0, cout),
+                                       jnp.float32),
+                  "bias": jnp.asarray(rng.normal(size=cout), jnp.float32)}
+  def ours(p, v):
+    return pair.apply({"params": p}, v)
+
+  def reference(p, v):
+    y = _reference_conv(v, p["conv"]["kernel"], strides)
+    scale, bias = p["bn"]["scale"], p["bn"]["bias"]
+    if not trainable:
+      scale, bias = (jax.lax.stop_gradient(scale),
+                     jax.lax.stop_gradient(bias))
+    return y * scale + bias
+
+  want = reference(params, x)
+  got = ours(params, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                             atol=1e-5)
+  cot = jnp.asarray(rng.normal(size=want.shape).astype(np.float32))
+  g_ours = jax.grad(lambda p, v: jnp.sum(cot * ours(p, v)), (0, 1))(params, x)
+  g_ref = jax.grad(lambda p, v: jnp.sum(cot * reference(p, v)), (0, 1))(
+      params, x)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-4)
+  if not trainable:
+    assert not np.any(np.asarray(g_ours[0]["bn"]["scale"]))
+
+
+@pytest.mark.parametrize("what", ["stem", "head"])
+def test_folding_does_not_change_the_function(what):
+  """fold_bn on or off: the same outputs (random BN affines, ResNet-50
+  blocks at width 4); the stem folds by default, the res5 head does not."""
+  rng = np.random.default_rng(5)
+  if what == "stem":
+    x = jnp.asarray(rng.normal(size=(1, 32, 48, 3)), jnp.float32)
+    build = lambda fold: resnet.ResNetStem(50, 4)
+    assert resnet.Bottleneck(4).fold_bn
+  else:
+    x = jnp.asarray(rng.normal(size=(3, 14, 14, 64)), jnp.float32)
+    build = lambda fold: resnet.ResNetHead(50, 4, fold_bn=fold)
+    assert not resnet.ResNetHead().fold_bn
+  params = build(True).init(jax.random.PRNGKey(0), x)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, v: (jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype)
+                       if "scale" in jax.tree_util.keystr(path) else
+                       jnp.asarray(0.1 * rng.normal(size=v.shape), v.dtype)
+                       if "bias" in jax.tree_util.keystr(path) else v),
+      params)
+  folded = build(True).apply(params, x)
+  if what == "stem":
+    # The unfolded reference: the same blocks with fold_bn off.
+    plain_block = functools.partial(resnet.Bottleneck, fold_bn=False)
+    unfolded = _apply_with_block(params, x, plain_block)
+  else:
+    unfolded = build(False).apply(params, x)
+  np.testing.assert_allclose(np.asarray(folded), np.asarray(unfolded),
+                             rtol=1e-4, atol=1e-4)
+
+
+def _apply_with_block(params, x, block):
+  """ResNetStem(50, 4) with every Bottleneck replaced by `block` (and conv1's
+  BN unfolded): the stem written out by hand."""
+
+  class Unfolded(nn.Module):
+    @nn.compact
+    def __call__(self, v):
+      conv1 = resnet.StemConv(4, jnp.float32, name="conv1")
+      bn1 = resnet.FrozenBatchNorm(name="bn1")
+      v = nn.relu(bn1(conv1(v)))
+      v = resnet.max_pool_window(v)
+      for stage, first in ((1, 1), (2, 2), (3, 2)):
+        planes = 4 * 2 ** (stage - 1)
+        for b in range(resnet.STAGE_BLOCKS[50][stage - 1]):
+          strides = first if b == 0 else 1
+          v = block(planes, strides, b == 0,
+                    name=f"layer{stage}_{b}")(v)
+      return v
+
+  return Unfolded().apply(params, x)
+
+
+def test_conv_bn_leaves_group_norm_after_the_conv():
+  """GroupNorm's statistics need the conv's output: conv_bn applies it there
+  (the module's own result), not folded."""
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 6, 6, 4))
+
+  class Pair(nn.Module):
+    @nn.compact
+    def __call__(self, v):
+      return resnet.conv_bn(resnet.Conv1x1(8, name="conv"),
+                            resnet.FrozenBatchNorm(groups=2, name="bn"), v, 8)
+
+  params = Pair().init(jax.random.PRNGKey(0), x)
+  y = Pair().apply(params, x)
+  # GroupNorm output: zero mean and unit variance within each (sample, group).
+  g = np.asarray(y).reshape(2, 6 * 6, 2, 4).transpose(0, 2, 1, 3).reshape(
+      2, 2, -1)
+  np.testing.assert_allclose(g.mean(-1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(g.var(-1), 1.0, atol=1e-3)
 
 
 def test_max_pool_3x3_s2_ties_keep_the_gradient_mass():

@@ -44,6 +44,18 @@ def test_summarize_per_image_numbers_and_fit():
   reported = dict(big, peak_memory_in_bytes=20 * gib)
   r = tpu_aot.summarize("v6e", "train", "float32", 1, reported, cost, 1.0)
   assert r["peak_gib"] == pytest.approx(20.0) and r["fits"]
+  assert r["hbm_gib_per_image"] is None  # no module text given
+
+
+def test_summarize_hbm_roofline():
+  # v5e: 4 images doing 1/100 s of FLOPs each; HBM traffic of 1/50 s each
+  # (memory bound at 50 img/s) although XLA's bytes accessed say 1/25 s.
+  cost = {"flops": 4 * 197e12 / 100, "bytes accessed": 4 * 819e9 / 25}
+  r = tpu_aot.summarize("v5e", "train", "bfloat16", 4, {}, cost, 1.0,
+                        hbm_bytes=4 * 819e9 / 50)
+  assert r["roofline_images_per_s"] == pytest.approx(25.0)
+  assert r["hbm_gib_per_image"] == pytest.approx(819e9 / 50 / 2 ** 30)
+  assert r["hbm_roofline_images_per_s"] == pytest.approx(50.0)
 
 
 def test_power_ladder():

@@ -112,6 +112,14 @@ def conv_modules(model_config, platform=None
   return stem_conv, conv3x3
 
 
+def stem_max_pool(platform=None):
+  """The stem's max pool for `platform`: the sliced form on CPU (faster
+  there, its docstring says why), one reduce_window elsewhere."""
+  if resolve_platform(platform) == "cpu":
+    return resnet.max_pool_3x3_s2
+  return resnet.max_pool_window
+
+
 def roi_align_method(platform=None) -> str:
   """RoIAlign formulation for `platform`: "gather" (CPU, GPU), "einsum" (TPU)."""
   return _ROI_ALIGN_METHOD[resolve_platform(platform)]
@@ -125,9 +133,10 @@ class PersonSearch(nn.Module):
     num_softmax_classes: > 0 adds the softmax-baseline identity classifier
       (config.oim.loss == "softmax") with that many classes.
     axis_name: data-parallel axis (synchronised BN neck).
-    platform, stem_conv, conv3x3, roi_align_method: the backend-specific
-      choices, resolved for the target platform by `create_model` (the
-      defaults suit any platform; `conv_modules`). Fixed when the model is
+    platform, stem_conv, conv3x3, max_pool, roi_align_method: the
+      backend-specific choices, resolved for the target platform by
+      `create_model` (the defaults suit any platform; `conv_modules`,
+      `stem_max_pool`). Fixed when the model is
       built, so that tracing for another platform (export, AOT
       compilation) does not pick the host's code paths.
   """
@@ -137,6 +146,7 @@ class PersonSearch(nn.Module):
   platform: str = ""  # "cpu" | "gpu" | "tpu"; informational
   stem_conv: resnet.ModuleDef = resnet.StemConv
   conv3x3: resnet.ModuleDef = resnet.Conv3x3
+  max_pool: Any = resnet.max_pool_window
   roi_align_method: str = "gather"  # ops.roi_align `method`
 
   def setup(self):
@@ -146,7 +156,8 @@ class PersonSearch(nn.Module):
     self.stem = resnet.ResNetStem(c.depth, c.width, c.freeze_at, c.train_bn,
                                   c.zero_init_residual, dtype, c.norm_groups,
                                   c.stride, stem_conv=self.stem_conv,
-                                  conv3x3=self.conv3x3)
+                                  conv3x3=self.conv3x3,
+                                  max_pool=self.max_pool)
     self.rpn_head = rpn.RPNHead(ops.num_anchors(c.anchor_sizes,
                                                 c.anchor_ratios),
                                 c.rpn.channels or c4, dtype,
@@ -379,7 +390,7 @@ def create_model(config, axis_name=None, platform=None) -> PersonSearch:
     platform: the platform the model is traced for: "cpu", "gpu", "cuda",
       "rocm" or "tpu"; None = the default backend. The backend-specific
       choices (im2col weight gradients, RoIAlign formulation, the
-      space-to-depth stem) are resolved here, once: pass the target when
+      space-to-depth stem, the max pool) are resolved here, once: pass the target when
       exporting or compiling ahead of time for another platform.
   """
   config_defaults.validate_model(config)
@@ -390,6 +401,7 @@ def create_model(config, axis_name=None, platform=None) -> PersonSearch:
       ml_collections.FrozenConfigDict(config.model),
       config.oim.num_labeled if loss == "softmax" else 0, axis_name,
       platform=target, stem_conv=stem_conv, conv3x3=conv3x3,
+      max_pool=stem_max_pool(target),
       roi_align_method=roi_align_method(target))
 
 

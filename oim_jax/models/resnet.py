@@ -12,6 +12,11 @@ statistics folded into the affine (`scale = w / sqrt(var + eps)`,
 `bias = b - mean * scale`, done at weight import). It has no batch statistics
 and no state; by default it receives no gradient (`stop_gradient`) and the
 optimizer mask from `trainable_mask` excludes it, so it never changes.
+In the stem every conv -> frozen BN pair is computed as one convolution
+with the scale folded into its kernel plus the bias (`conv_bn`): the same
+function, but no separate per-channel multiply over the activations (and
+their gradients) to read and write on an accelerator; GroupNorm
+(data-dependent) is not folded, nor is the res5 head (`fold_bn`).
 
 `freeze_at` (detectron convention): 0 = everything trainable, 1 = conv1/bn1
 frozen, 2 = conv1 and stage 1 (res2) frozen (default), 3 = also res3,
@@ -21,10 +26,11 @@ and excluded in the optimizer mask (so weight decay does not touch them).
 
 The convolution implementations are module arguments, as flax's ResNet
 example takes `conv`: `stem_conv` (conv1) and `conv3x3` (every 3x3 conv) are
-a module class or a `functools.partial` of one. The defaults are the plain
-XLA convolutions; `person_search.create_model` passes the CPU-only forms
-(`StemConv` with space-to-depth, `Conv3x3` with an im2col weight gradient)
-when it builds a model for CPU, so no layer sees a platform option.
+a module class or a `functools.partial` of one, `max_pool` a function. The
+defaults are the plain XLA ops; `person_search.create_model` passes the
+CPU-only forms (`StemConv` with space-to-depth, `Conv3x3` with an im2col
+weight gradient, the sliced `max_pool_3x3_s2`) when it builds a model for
+CPU, so no layer sees a platform option.
 """
 
 from typing import Any, Sequence, Tuple
@@ -46,11 +52,12 @@ STAGE_BLOCKS = {
 BN_EPSILON = 1e-5
 
 # jax.named_scope of the CPU-only code paths (StemConv's space-to-depth form,
-# Conv3x3's im2col weight gradient): they appear in the locations of lowered
+# Conv3x3's im2col weight gradient, the sliced max pool): they appear in the locations of lowered
 # modules, which is how tests/test_export.py checks that an accelerator
 # export contains neither.
 SPACE_TO_DEPTH_SCOPE = "cpu_space_to_depth_stem"
 IM2COL_WGRAD_SCOPE = "cpu_im2col_wgrad"
+SLICED_MAX_POOL_SCOPE = "cpu_sliced_max_pool"
 
 # A module class or a functools.partial of one (flax examples' ModuleDef).
 ModuleDef = Any
@@ -87,6 +94,11 @@ def head_channels(depth: int, width: int) -> int:
   return stage_channels(depth, width, 4)
 
 
+def _scaled(kernel, out_scale):
+  """kernel [..., Cout] times out_scale [Cout] (None: unchanged), float32."""
+  return kernel if out_scale is None else kernel * out_scale
+
+
 class Conv1x1(nn.Module):
   """A 1x1 convolution written as a matmul over channels.
 
@@ -101,10 +113,15 @@ class Conv1x1(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    """x: [N, H, W, Cin] -> [N, ceil(H/s), ceil(W/s), Cout]."""
-    kernel = self.param("kernel", _conv_init,
-                        (1, 1, x.shape[-1], self.features), jnp.float32)
+  def __call__(self, x, out_scale=None):
+    """x: [N, H, W, Cin] -> [N, ceil(H/s), ceil(W/s), Cout].
+
+    out_scale: optional [Cout] float32 multiplying the kernel's outputs
+    (a folded BatchNorm scale; `conv_bn`).
+    """
+    kernel = _scaled(self.param("kernel", _conv_init,
+                                (1, 1, x.shape[-1], self.features),
+                                jnp.float32), out_scale)
     if self.strides > 1:
       x = x[:, ::self.strides, ::self.strides]
     return jnp.einsum("nhwc,cd->nhwd", x.astype(self.dtype),
@@ -128,11 +145,13 @@ class StemConv(nn.Module):
   space_to_depth: bool = False
 
   @nn.compact
-  def __call__(self, x):
-    """x: [N, H, W, Cin] -> [N, ceil(H/2), ceil(W/2), Cout]."""
+  def __call__(self, x, out_scale=None):
+    """x: [N, H, W, Cin] -> [N, ceil(H/2), ceil(W/2), Cout]; out_scale: as
+    Conv1x1's."""
     cin = x.shape[-1]
-    kernel = self.param("kernel", _conv_init, (7, 7, cin, self.features),
-                        jnp.float32).astype(self.dtype)
+    kernel = _scaled(self.param("kernel", _conv_init,
+                                (7, 7, cin, self.features), jnp.float32),
+                     out_scale).astype(self.dtype)
     x = x.astype(self.dtype)
     dn = ("NHWC", "HWIO", "NHWC")
     if not self.space_to_depth:
@@ -179,11 +198,13 @@ class Conv3x3(nn.Module):
   wgrad_im2col_min_channels: int = 0
 
   @nn.compact
-  def __call__(self, x):
-    """x: [N, H, W, Cin] -> [N, ceil(H/s), ceil(W/s), Cout]."""
+  def __call__(self, x, out_scale=None):
+    """x: [N, H, W, Cin] -> [N, ceil(H/s), ceil(W/s), Cout]; out_scale: as
+    Conv1x1's."""
     cin = x.shape[-1]
-    kernel = self.param("kernel", self.kernel_init,
-                        (3, 3, cin, self.features), jnp.float32)
+    kernel = _scaled(self.param("kernel", self.kernel_init,
+                                (3, 3, cin, self.features), jnp.float32),
+                     out_scale)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if 0 < self.wgrad_im2col_min_channels <= cin:
       # The scope covers the backward too (as "transpose(jvp(...))").
@@ -230,18 +251,42 @@ class FrozenBatchNorm(nn.Module):
   groups: int = 0
 
   @nn.compact
-  def __call__(self, x):
-    """x: [..., H, W, C] -> same shape."""
-    c = x.shape[-1]
+  def affine(self, c):
+    """The parameters as applied: (scale, bias), each [C] float32."""
     scale = self.param("scale", nn.initializers.zeros if self.zero_init
                        else nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     if not self.trainable:
       scale = jax.lax.stop_gradient(scale)
       bias = jax.lax.stop_gradient(bias)
+    return scale, bias
+
+  def __call__(self, x):
+    """x: [..., H, W, C] -> same shape."""
+    c = x.shape[-1]
+    scale, bias = self.affine(c)
     if self.groups > 0:
       scale, bias = _group_norm_affine(x, min(self.groups, c), scale, bias)
     return x * scale.astype(self.dtype) + bias.astype(self.dtype)
+
+
+def conv_bn(conv, bn, x, features, fold=True):
+  """bn(conv(x)) for a conv module and a FrozenBatchNorm over its output.
+
+  A frozen BN (groups == 0) is folded: conv(x, kernel * scale) + bias, the
+  same function as the affine after the conv (up to rounding), one fewer
+  elementwise pass over the map forward and backward (XLA:TPU, v5e, batch
+  4: the stem's own compile accesses 0.56 GiB/img less; figures in
+  bench/results/accelerator.md). GroupNorm needs the conv's output first,
+  so it is applied after.
+
+  x: [N, H, W, Cin] -> [N, H', W', features]. fold=False: always the
+  affine after the conv.
+  """
+  if bn.groups > 0 or not fold:
+    return bn(conv(x))
+  scale, bias = bn.affine(features)
+  return conv(x, scale) + bias.astype(bn.dtype)
 
 
 def _group_norm_affine(x, groups, scale, bias):
@@ -280,6 +325,7 @@ class BasicBlock(nn.Module):
   dtype: Any = jnp.float32
   norm_groups: int = 0
   conv3x3: ModuleDef = Conv3x3
+  fold_bn: bool = True
   expansion = 1
 
   @nn.compact
@@ -289,13 +335,14 @@ class BasicBlock(nn.Module):
         self.train_bn, zero, self.dtype, self.norm_groups, name=name)
     conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name,
                                        self.conv3x3)
-    y = conv(self.planes, 3, self.strides, "conv1")(x)
-    y = nn.relu(bn("bn1")(y))
-    y = conv(self.planes, 3, 1, "conv2")(y)
-    y = bn("bn2", self.zero_init_residual)(y)
+    p, fold = self.planes, self.fold_bn
+    y = nn.relu(conv_bn(conv(p, 3, self.strides, "conv1"), bn("bn1"), x, p,
+                        fold))
+    y = conv_bn(conv(p, 3, 1, "conv2"), bn("bn2", self.zero_init_residual),
+                y, p, fold)
     if self.downsample:
-      x = conv(self.planes, 1, self.strides, "downsample_conv")(x)
-      x = bn("downsample_bn")(x)
+      x = conv_bn(conv(p, 1, self.strides, "downsample_conv"),
+                  bn("downsample_bn"), x, p, fold)
     return nn.relu(y + x)
 
 
@@ -309,6 +356,7 @@ class Bottleneck(nn.Module):
   dtype: Any = jnp.float32
   norm_groups: int = 0
   conv3x3: ModuleDef = Conv3x3
+  fold_bn: bool = True
   expansion = 4
 
   @nn.compact
@@ -318,20 +366,20 @@ class Bottleneck(nn.Module):
         self.train_bn, zero, self.dtype, self.norm_groups, name=name)
     conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name,
                                        self.conv3x3)
-    y = conv(self.planes, 1, 1, "conv1")(x)
-    y = nn.relu(bn("bn1")(y))
-    y = conv(self.planes, 3, self.strides, "conv2")(y)
-    y = nn.relu(bn("bn2")(y))
-    y = conv(self.planes * 4, 1, 1, "conv3")(y)
-    y = bn("bn3", self.zero_init_residual)(y)
+    p, fold = self.planes, self.fold_bn
+    y = nn.relu(conv_bn(conv(p, 1, 1, "conv1"), bn("bn1"), x, p, fold))
+    y = nn.relu(conv_bn(conv(p, 3, self.strides, "conv2"), bn("bn2"), y, p,
+                        fold))
+    y = conv_bn(conv(p * 4, 1, 1, "conv3"), bn("bn3", self.zero_init_residual),
+                y, p * 4, fold)
     if self.downsample:
-      x = conv(self.planes * 4, 1, self.strides, "downsample_conv")(x)
-      x = bn("downsample_bn")(x)
+      x = conv_bn(conv(p * 4, 1, self.strides, "downsample_conv"),
+                  bn("downsample_bn"), x, p * 4, fold)
     return nn.relu(y + x)
 
 
 def _stage(x, depth, width, stage, first_stride, train_bn, zero_init_residual,
-           dtype, norm_groups=0, conv3x3=Conv3x3, blocks=0):
+           dtype, norm_groups=0, conv3x3=Conv3x3, blocks=0, fold_bn=True):
   block_cls = Bottleneck if is_bottleneck(depth) else BasicBlock
   planes = width * 2 ** (stage - 1)
   for b in range(blocks or STAGE_BLOCKS[depth][stage - 1]):
@@ -340,8 +388,20 @@ def _stage(x, depth, width, stage, first_stride, train_bn, zero_init_residual,
     downsample = b == 0 and (strides != 1 or
                              x.shape[-1] != planes * block_cls.expansion)
     x = block_cls(planes, strides, downsample, train_bn, zero_init_residual,
-                  dtype, norm_groups, conv3x3, name=f"layer{stage}_{b}")(x)
+                  dtype, norm_groups, conv3x3, fold_bn,
+                  name=f"layer{stage}_{b}")(x)
   return x
+
+
+def max_pool_window(x):
+  """3x3 max pool, stride 2, padding 1 as one XLA reduce_window:
+  [N, H, W, C] -> [N, ceil(H/2), ceil(W/2), C].
+
+  The accelerators' form: on a TPU it reads conv1's map once (v5e, batch
+  4: 0.34 HBM GiB per image less than the sliced form's pad + strided
+  slices + copies; bench/results/accelerator.md).
+  """
+  return nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
 
 def max_pool_3x3_s2(x):
@@ -356,6 +416,11 @@ def max_pool_3x3_s2(x):
   maximum is unique; ties share it (jnp.maximum) instead of going to the
   first maximum, and post-ReLU zero ties get no gradient either way.
   """
+  with jax.named_scope(SLICED_MAX_POOL_SCOPE):
+    return _sliced_max_pool(x)
+
+
+def _sliced_max_pool(x):
   n, h, w, c = x.shape
   oh, ow = (h + 1) // 2, (w + 1) // 2
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)),
@@ -390,6 +455,9 @@ class ResNetStem(nn.Module):
       parameters, so ImageNet weights still load).
     stem_conv: conv1's module (StemConv or a partial of it).
     conv3x3: the 3x3 convolutions' module (Conv3x3 or a partial of it).
+    max_pool: the 3x3 stride-2 max pool after conv1, [N, H, W, C] ->
+      [N, ceil(H/2), ceil(W/2), C]: `max_pool_window` (default) or the
+      CPU's `max_pool_3x3_s2`.
   """
   depth: int = 50
   width: int = 64
@@ -401,6 +469,7 @@ class ResNetStem(nn.Module):
   stride: int = 16
   stem_conv: ModuleDef = StemConv
   conv3x3: ModuleDef = Conv3x3
+  max_pool: Any = max_pool_window
 
   @nn.compact
   def __call__(self, x):
@@ -409,10 +478,11 @@ class ResNetStem(nn.Module):
     if self.stride not in (8, 16):
       raise ValueError(f"model.stride={self.stride}: use 16 or 8")
     x = x.astype(self.dtype)
-    x = self.stem_conv(self.width, self.dtype, name="conv1")(x)
-    x = nn.relu(FrozenBatchNorm(self.train_bn, False, self.dtype,
-                                self.norm_groups, name="bn1")(x))
-    x = max_pool_3x3_s2(x)
+    x = nn.relu(conv_bn(
+        self.stem_conv(self.width, self.dtype, name="conv1"),
+        FrozenBatchNorm(self.train_bn, False, self.dtype, self.norm_groups,
+                        name="bn1"), x, self.width))
+    x = self.max_pool(x)
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
     res4_stride = 2 if self.stride == 16 else 1
@@ -436,6 +506,10 @@ class ResNetHead(nn.Module):
       (the caller pools; the detection predictor may keep the layout).
     conv3x3: the 3x3 convolutions' module (Conv3x3 or a partial of it).
     blocks: residual blocks in res5; 0 = the depth's own (STAGE_BLOCKS).
+    fold_bn: fold frozen BNs into the kernels (`conv_bn`). Off by default
+      here: over 14x14 RoI maps the fold cost bytes instead of saving them
+      (XLA:TPU, v5e, configs/cuhk.py: 12.71 GiB/img for the whole train step
+      with the stem folded, 12.96 with res5 folded too).
   """
   depth: int = 50
   width: int = 64
@@ -446,13 +520,14 @@ class ResNetHead(nn.Module):
   pool: bool = True
   conv3x3: ModuleDef = Conv3x3
   blocks: int = 0
+  fold_bn: bool = False
 
   @nn.compact
   def __call__(self, x):
     """x: [K, h, w, C4] -> pooled [K, C5] (or [K, h/2, w/2, C5]) float32."""
     x = _stage(x.astype(self.dtype), self.depth, self.width, 4, 2,
                self.train_bn, self.zero_init_residual, self.dtype,
-               self.norm_groups, self.conv3x3, self.blocks)
+               self.norm_groups, self.conv3x3, self.blocks, self.fold_bn)
     x = x.astype(jnp.float32)
     return jnp.mean(x, axis=(1, 2)) if self.pool else x
 

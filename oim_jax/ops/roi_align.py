@@ -210,10 +210,9 @@ def _pair(output_size) -> tuple[int, int]:
   return tuple(int(v) for v in output_size)
 
 
-# Bytes of the backward's [chunk, H, out_w, C] intermediate per image and
-# chunk of RoIs (ResNet-50's C4 at 928x1504: chunks of 10 RoIs in float32,
-# 20 in bfloat16).
-_BACKWARD_BYTES = 32 * 1024 * 1024
+# Elements of the backward's [chunk, H, out_w, C] intermediate per chunk of
+# RoIs (32 MiB in float32; ResNet-50's C4 at 900x1500 takes chunks of 8).
+_BACKWARD_ELEMENTS = 8 * 1024 * 1024
 
 
 def roi_align_per_image(features, boxes,
@@ -291,16 +290,11 @@ def _per_image_bwd(static, boxes, g):
   """g [N, K, oh, ow, C] -> (d features [N, H, W, C], zero d boxes)."""
   (oh, ow), scale, ratio, aligned, _, _, (n, h, w, c), dtype = static
   k = boxes.shape[1]
-  # Operands and the intermediate in the map's dtype, as in the forward
-  # (bfloat16 models move half the bytes; float32 ones are unchanged);
-  # products and the gradient accumulate in float32.
-  cdt = jnp.dtype(dtype)
   wy, wx = _weight_matrices(boxes, (oh, ow), scale, ratio, aligned, (h, w))
-  wy, wx, g = wy.astype(cdt), wx.astype(cdt), g.astype(cdt)
-  mm = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  g = g.astype(jnp.float32)  # accumulate in float32 (bfloat16 models too)
   # The y contraction first: [chunk, H, ow, C] per image is the largest
   # intermediate; chunks of RoIs bound it and accumulate.
-  step = max(1, min(k, _BACKWARD_BYTES // max(1, h * ow * c * cdt.itemsize)))
+  step = max(1, min(k, _BACKWARD_ELEMENTS // max(1, h * ow * c)))
   pad = -k % step
   if pad:  # zero weights: padded RoIs add nothing
     wy = jnp.pad(wy, ((0, 0), (0, pad), (0, 0), (0, 0)))
@@ -310,8 +304,8 @@ def _per_image_bwd(static, boxes, g):
 
   def chunk_grad(acc, args):
     wy_c, wx_c, g_c = args  # [n, step, ...]
-    t = mm("nkph,nkpqc->nkhqc", wy_c, g_c).astype(cdt)
-    return acc + mm("nkhqc,nkqw->nhwc", t, wx_c), None
+    t = jnp.einsum("nkph,nkpqc->nkhqc", wy_c, g_c)
+    return acc + jnp.einsum("nkhqc,nkqw->nhwc", t, wx_c), None
 
   split = lambda a: jnp.moveaxis(
       a.reshape((n, parts, step) + a.shape[2:]), 1, 0)

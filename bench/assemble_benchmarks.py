@@ -9,7 +9,7 @@ numbers); this only orders them under one header.
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ("suite", "suite_avx2", "suite_avx2_dots", "tpu_aot", "tpu_aot_parts", "accelerator", "model", "ops", "oim", "evaluation", "search_index", "pipeline",
+ORDER = ("suite", "suite_avx2", "suite_avx2_dots", "tpu_aot", "tpu_aot_parts", "accelerator", "tpu_aot_roi_bwd_trial", "model", "ops", "oim", "evaluation", "search_index", "pipeline",
          "dataset_loaders", "synthetic")
 
 HEADER = """# Benchmarks
@@ -22,7 +22,7 @@ one-off investigations in `experiments/` (allocator, XLA:CPU flags, per-conv tim
 
 | name | CPU | float32 matmul peak | used |
 |---|---|---|---|
-| AVX-512 machine | 2-core AMD EPYC with AVX-512 | 0.32-0.40 TFLOP/s (0.183 on 2026-11-25) | 2026-11-25 to 2026-12-02; 2026-12-06 (search index at 7b01791, TPU compiles at HEAD) |
+| AVX-512 machine | 2-core AMD EPYC with AVX-512 | 0.32-0.40 TFLOP/s (0.183 on 2026-11-25) | 2026-11-25 to 2026-12-02; 2026-12-06 (search index at 7b01791, TPU compiles at HEAD); 2026-12-07 (TPU compiles, HBM bytes) |
 | AVX2 machine | 2-core AMD EPYC Zen 3, AVX2 only (no AVX-512) | 0.13-0.17 TFLOP/s (0.087 during the 26d8a82 suite) | 2026-12-02 (320df6e) to 2026-12-03 |
 | Intel machine | 2-core Intel Xeon with AVX-512 | not measured | 2026-12-04 (TPU compiles, `tpu_aot` / `accelerator`) |
 

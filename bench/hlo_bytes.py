@@ -7,8 +7,10 @@ a compiled module (`compiled.as_text()`; `bench/tpu_aot.py --hlo_dir` writes
 one per compile) and charges every top-level instruction of its
 non-fused computations (the entry, while bodies, calls) its operands' and
 outputs' bytes, as stored: each layout's tiles (`{...:T(8,128)(2,1)}`) pad
-the minor dimensions up to a whole tile, which is what an HBM read or write
-of that array moves. Instructions that move nothing (parameter, constant,
+the minor dimensions up to a whole tile, which is what a read or write of
+that array moves. Arrays in device memory (HBM) and in on-chip memory spaces
+(layouts ending in S(1), S(2): where XLA's memory-space assignment placed
+them) are summed apart ("bytes" and "on_chip_bytes"). Instructions that move nothing (parameter, constant,
 tuple, get-tuple-element, bitcast, after-all, while, call) are not
 charged; a slice, dynamic-slice or gather (also inside a fusion, of a
 fusion operand) reads what it outputs; a while body counts once per trip

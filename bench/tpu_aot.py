@@ -20,6 +20,10 @@ the roofline bound images/s = 1 / max(flop/image / peak FLOP/s, bytes/image /
 HBM B/s) from the chip table below, and the compile time. Nothing runs: the
 numbers are the compiler's (cost analysis counts HLO FLOPs and bytes at the
 fusion boundaries, so the roofline is an upper bound of the throughput).
+Each record also has the compiled module's HBM bytes by bench/hlo_bytes.py
+(on-chip operands left out, loop bodies times their trips) and the roofline
+from those (`hbm_gib_per_image`, `hbm_roofline_images_per_s`); --hlo_dir
+keeps each module's text for a per-layer breakdown.
 `--parts` compiles the pieces of the step separately instead (backbone
 stem forward+backward, RPN + proposals, RoIAlign forward+backward, res5 head
 + predictor over the sampled RoIs, the OIM loss and update), from the

@@ -1,4 +1,4 @@
-"""Where a compiled XLA program's memory traffic goes, instruction by instruction.
+"""Where a compiled XLA program's memory traffic goes, per instruction.
 
   python bench/hlo_bytes.py PROGRAM.hlo.txt [--top 30] [--by op_name|kind]
 
@@ -10,12 +10,13 @@ outputs' bytes, as stored: each layout's tiles (`{...:T(8,128)(2,1)}`) pad
 the minor dimensions up to a whole tile, which is what a read or write of
 that array moves. Arrays in device memory (HBM) and in on-chip memory spaces
 (layouts ending in S(1), S(2): where XLA's memory-space assignment placed
-them) are summed apart ("bytes" and "on_chip_bytes"). Instructions that move nothing (parameter, constant,
-tuple, get-tuple-element, bitcast, after-all, while, call) are not
-charged; a slice, dynamic-slice or gather (also inside a fusion, of a
-fusion operand) reads what it outputs; a while body counts once per trip
-where the trip count is a constant. A model, not a measurement: a
-convolution that streams an operand several times is charged once.
+them) are summed apart ("bytes" and "on_chip_bytes"). Instructions that
+move nothing (parameter, constant, tuple, get-tuple-element, bitcast,
+after-all, while, call) are not charged; a slice, dynamic-slice or
+gather (also inside a fusion, of a fusion operand) reads what it outputs;
+a while body counts once per trip where the trip count is a constant. A
+model, not a measurement: a convolution that streams an operand several
+times is charged once.
 
 Grouped by the JAX op that wrote the instruction (`metadata.op_name`, its
 name stack cut to --depth scopes) or by the instruction kind (fusion kind,

@@ -136,9 +136,9 @@ class PersonSearch(nn.Module):
     platform, stem_conv, conv3x3, max_pool, roi_align_method: the
       backend-specific choices, resolved for the target platform by
       `create_model` (the defaults suit any platform; `conv_modules`,
-      `stem_max_pool`). Fixed when the model is
-      built, so that tracing for another platform (export, AOT
-      compilation) does not pick the host's code paths.
+      `stem_max_pool`). Fixed when the model is built, so that tracing for
+      another platform (export, AOT compilation) does not pick the host's
+      code paths.
   """
   config: Any
   num_softmax_classes: int = 0
@@ -390,8 +390,8 @@ def create_model(config, axis_name=None, platform=None) -> PersonSearch:
     platform: the platform the model is traced for: "cpu", "gpu", "cuda",
       "rocm" or "tpu"; None = the default backend. The backend-specific
       choices (im2col weight gradients, RoIAlign formulation, the
-      space-to-depth stem, the max pool) are resolved here, once: pass the target when
-      exporting or compiling ahead of time for another platform.
+      space-to-depth stem, the max pool) are resolved here, once: pass the
+      target when exporting or compiling ahead of time for another platform.
   """
   config_defaults.validate_model(config)
   target = resolve_platform(platform)
